@@ -1,0 +1,52 @@
+//! Every cap on untrusted input, in one place, so a deployment tunes them together.
+//!
+//! Defaults follow the real peers: 16 MiB frames (the server's limit), and per-object caps
+//! generous enough for anything a Python or JS `hypha-rpc` client sends.
+
+/// Caps applied to everything a peer can send. Breaking one is an error value, never a panic
+/// and never an allocation sized by the peer's claim.
+///
+/// ```
+/// use hypha_rpc_core::Limits;
+/// let mut limits = Limits::default();
+/// limits.max_depth = 32;
+/// assert_eq!(limits.max_frame_bytes, 16 * 1024 * 1024);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest binary frame accepted, in bytes. Default 16 MiB, the server's own cap.
+    pub max_frame_bytes: usize,
+    /// Deepest nesting of arrays and maps. Default 128. Values above
+    /// [`Limits::DEPTH_CEILING`] are treated as the ceiling, since decoding recurses.
+    pub max_depth: usize,
+    /// Most elements in one array, or entries in one map. Default 1 048 576.
+    pub max_collection_len: usize,
+    /// Longest string, in bytes. Default 16 MiB.
+    pub max_str_len: usize,
+    /// Longest binary or ext payload, in bytes. Default 16 MiB.
+    pub max_bin_len: usize,
+}
+
+impl Limits {
+    /// Hard upper bound on nesting depth, whatever `max_depth` says: decoding recurses once
+    /// per level, and this keeps the stack use of a hostile frame small and fixed.
+    pub const DEPTH_CEILING: usize = 512;
+
+    /// The nesting cap in force: `max_depth`, clamped to [`Limits::DEPTH_CEILING`].
+    pub fn effective_depth(&self) -> usize {
+        self.max_depth.min(Self::DEPTH_CEILING)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 16 * 1024 * 1024,
+            max_depth: 128,
+            max_collection_len: 1 << 20,
+            max_str_len: 16 * 1024 * 1024,
+            max_bin_len: 16 * 1024 * 1024,
+        }
+    }
+}
