@@ -1,1 +1,2 @@
 //! Shared helpers for the test suites: transcripts, the real server, allocation counting.
+pub mod transcripts;
