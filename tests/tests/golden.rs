@@ -15,7 +15,9 @@ fn check_structure(f: &CapturedFrame, frame: &Frame) -> Result<(), String> {
     match (&frame.extra, f.json.get("extra")) {
         (None, None) => {}
         (Some(extra), Some(j)) => compare(&Value::Map(extra.clone()), j, "extra")?,
-        (a, b) => return Err(format!("extra present in decode: {}, in transcript: {}", a.is_some(), b.is_some())),
+        (a, b) => {
+            return Err(format!("extra present in decode: {}, in transcript: {}", a.is_some(), b.is_some()));
+        }
     }
     let objects = f.json["msgpack_objects"].as_u64().unwrap_or(0);
     if objects != 1 + frame.extra.is_some() as u64 {
@@ -128,7 +130,8 @@ fn every_transcript_frame_decodes_and_matches() {
             }
             let mut typed = 0;
             let retyped = retype(&Value::Map(frame.main.clone()), &mut typed).and_then(|main| {
-                let extra = frame.extra.as_ref().map(|e| retype(&Value::Map(e.clone()), &mut typed)).transpose()?;
+                let extra =
+                    frame.extra.as_ref().map(|e| retype(&Value::Map(e.clone()), &mut typed)).transpose()?;
                 let as_map = |v: Value| match v {
                     Value::Map(m) => m,
                     _ => unreachable!(),
@@ -157,7 +160,10 @@ fn every_transcript_frame_decodes_and_matches() {
                     let want = &f.json["reassembled"];
                     match decode_frame(&Bytes::from(whole), &limits) {
                         Ok(r) => {
-                            let got = Value::Array(vec![Value::Map(r.main), Value::Map(r.extra.unwrap_or_default())]);
+                            let got = Value::Array(vec![
+                                Value::Map(r.main),
+                                Value::Map(r.extra.unwrap_or_default()),
+                            ]);
                             match compare(&got, want, "reassembled") {
                                 Ok(()) => c.reassembled += 1,
                                 Err(e) => failures.push(format!("{}: {e}", f.label())),
@@ -186,7 +192,10 @@ fn every_transcript_frame_decodes_and_matches() {
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
     let complete = frames.iter().filter(|f| f.kind == "binary" && !f.truncated).count();
     assert_eq!(c.structural, complete);
-    assert_eq!(c.byte_exact, frames.iter().filter(|f| f.kind == "binary" && !f.truncated && f.dir == "c2s").count());
+    assert_eq!(
+        c.byte_exact,
+        frames.iter().filter(|f| f.kind == "binary" && !f.truncated && f.dir == "c2s").count()
+    );
     assert_eq!(c.truncated_main, c.truncated_rejected);
     assert!(c.truncated_rejected > 0 && c.reassembled >= 2 && c.typed_maps > 50, "the transcripts shrank?");
 }

@@ -201,8 +201,8 @@ pub enum MethodLayout {
     /// _rasync, _rdoc, _rschema, _renc_pub`.
     #[default]
     Service,
-    /// Session callbacks: `_rserver, _rtarget, _rmethod, _rname, _rpromise, _renc_pub, _rdoc,
-    /// _rschema`.
+    /// Session callbacks: `_rserver, _rtarget, _rmethod, _rname, _rpromise, _rasync, _renc_pub,
+    /// _rdoc, _rschema` (Python never sets `_rasync` on callbacks).
     Callback,
 }
 
@@ -264,6 +264,7 @@ impl RTypeCodec for Method {
             MethodLayout::Callback => {
                 push_opt(out, "_rname", &self.name);
                 push_opt(out, "_rpromise", &promise);
+                push_opt(out, "_rasync", &self.is_async);
                 push_opt(out, "_renc_pub", &self.enc_pub);
                 push_opt(out, "_rdoc", &self.doc);
                 push_opt(out, "_rschema", &self.schema);
