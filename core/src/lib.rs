@@ -36,6 +36,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod codec;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod limits;
 pub mod value;
 
