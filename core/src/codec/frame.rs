@@ -142,8 +142,7 @@ mod tests {
             decode_frame_slice(&[0x80, 0x80, 0x00], &l),
             Err(DecodeError::TrailingBytes { offset: 2, count: 1 })
         );
-        let mut small = Limits::default();
-        small.max_frame_bytes = 1;
+        let small = Limits { max_frame_bytes: 1, ..Limits::default() };
         assert_eq!(
             decode_frame_slice(&[0x80, 0x80], &small),
             Err(DecodeError::FrameTooLarge { len: 2, max: 1 })

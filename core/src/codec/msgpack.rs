@@ -380,8 +380,7 @@ mod tests {
 
     #[test]
     fn depth_is_capped() {
-        let mut l = Limits::default();
-        l.max_depth = 3;
+        let l = Limits { max_depth: 3, ..Limits::default() };
         assert!(decode_value_slice(&[0x91, 0x91, 0x91, 0x01], &l).is_ok());
         assert!(matches!(
             decode_value_slice(&[0x91, 0x91, 0x91, 0x91, 0x01], &l),

@@ -755,7 +755,7 @@ pub enum Decoded {
         value: Box<dyn Any + Send>,
     },
     /// No codec is registered for it: the built-in typed view.
-    Builtin(RType),
+    Builtin(Box<RType>),
 }
 
 impl core::fmt::Debug for Codecs {
@@ -790,7 +790,7 @@ impl Codecs {
         let name = map.get("_rtype")?.as_str()?;
         Some(match self.by_name.get_key_value(name) {
             Some((name, decode)) => decode(map).map(|value| Decoded::Custom { name, value }),
-            None => RType::decode_named(name, map).map(Decoded::Builtin),
+            None => RType::decode_named(name, map).map(|t| Decoded::Builtin(Box::new(t))),
         })
     }
 }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what it needs (the Python venv with the pinned
+# Hypha server and client), then formatting, lints, tests (including the real-server smoke
+# test), the no_std link check and the docs, all with warnings denied.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "python venv (hypha server + hypha-rpc client)"
+scripts/hypha-venv.sh
+
+step "cargo fmt --check"
+cargo fmt --all --check
+cargo fmt --check --manifest-path fuzz/Cargo.toml
+cargo fmt --check --manifest-path ci/nostd-check/Cargo.toml
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+cargo clippy -p hypha-rpc-core --no-default-features -- -D warnings
+
+step "cargo test"
+cargo test --workspace --all-features
+
+step "no_std link check"
+ci/nostd-check/run.sh
+
+step "fuzz targets build"
+cargo check --quiet --manifest-path fuzz/Cargo.toml
+
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --all-features --quiet
+
+echo
+echo "all checks passed"
