@@ -75,7 +75,7 @@ fn leaf(nan: bool) -> impl Strategy<Value = Value> {
         f32s.prop_map(Value::F32),
         f64s.prop_map(Value::F64),
         ".{0,40}".prop_map(Value::from),
-        prop::collection::vec(any::<u8>(), 0..300).prop_map(|b| Value::bin(b)),
+        prop::collection::vec(any::<u8>(), 0..300).prop_map(Value::bin),
         (any::<i8>(), prop::collection::vec(any::<u8>(), 0..20)).prop_map(|(t, b)| Value::Ext(t, b.into())),
     ]
 }
