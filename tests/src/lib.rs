@@ -1,2 +1,3 @@
 //! Shared helpers for the test suites: transcripts, the real server, allocation counting.
 pub mod transcripts;
+pub mod server;
