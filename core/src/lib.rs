@@ -36,10 +36,22 @@ extern crate alloc;
 extern crate std;
 
 pub mod codec;
+pub mod connection;
+pub mod engine;
+pub mod error;
+pub mod event;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod limits;
+mod rng;
+pub mod service;
+pub mod time;
 pub mod value;
 
+pub use connection::ConnectionInfo;
+pub use engine::{CallOptions, Engine, EngineConfig};
+pub use error::{CallError, ConnectError, EngineError, InputError};
+pub use event::{CallId, Context, Event, FnId, Invocation, InvokeId, InvokeTarget, Transmit};
 pub use limits::Limits;
+pub use service::{FunctionSpec, RequireContext, ServiceSpec, Visibility};
 pub use value::{Integer, Map, Value};

@@ -3,6 +3,8 @@
 //! Defaults follow the real peers: 16 MiB frames (the server's limit), and per-object caps
 //! generous enough for anything a Python or JS `hypha-rpc` client sends.
 
+use core::time::Duration;
+
 /// Caps applied to everything a peer can send. Breaking one is an error value, never a panic
 /// and never an allocation sized by the peer's claim.
 ///
@@ -26,6 +28,15 @@ pub struct Limits {
     pub max_str_len: usize,
     /// Longest binary or ext payload, in bytes. Default 16 MiB.
     pub max_bin_len: usize,
+    /// Most calls waiting for a reply at once (ours and the engine's own). Default 10 000.
+    pub max_pending_calls: usize,
+    /// Most incoming calls being served at once; more are rejected. Default 1024.
+    pub max_active_invocations: usize,
+    /// Most frames held while the connection is down. Default 1024.
+    pub max_queued_frames: usize,
+    /// Shortest heartbeat interval we honour, whatever `t` a caller asks for (a `t` of 0
+    /// must not make us flood the server's rate limit). Default 0.5 s.
+    pub min_heartbeat_interval: Duration,
 }
 
 impl Limits {
@@ -47,6 +58,10 @@ impl Default for Limits {
             max_collection_len: 1 << 20,
             max_str_len: 16 * 1024 * 1024,
             max_bin_len: 16 * 1024 * 1024,
+            max_pending_calls: 10_000,
+            max_active_invocations: 1024,
+            max_queued_frames: 1024,
+            min_heartbeat_interval: Duration::from_millis(500),
         }
     }
 }

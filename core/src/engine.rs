@@ -1,0 +1,1418 @@
+//! The sans-IO protocol engine: whole messages and the time in, messages, events and the next
+//! deadline out. It never touches a socket, a clock or a thread, and never runs user code.
+//!
+//! # Driving it
+//!
+//! Every input (`handle_*` or a command) may produce output; drain all three queues after each:
+//!
+//! ```
+//! use hypha_rpc_core::{Engine, EngineConfig, Event, Transmit};
+//! use hypha_rpc_core::time::Instant;
+//!
+//! let now = Instant::from_micros(0);
+//! let mut engine = Engine::new(EngineConfig::new("my-client"), now);
+//! engine.handle_transport_open(now).unwrap();   // the websocket is open
+//! while let Some(t) = engine.poll_transmit() {
+//!     match t {
+//!         Transmit::Text(json) => assert!(json.starts_with(r#"{"client_id": "my-client""#)),
+//!         Transmit::Binary(_) | Transmit::Close { .. } => unreachable!(),
+//!     }
+//! }
+//! while let Some(event) = engine.poll_event() {
+//!     if let Event::Invoke(call) = event { /* run user code, then engine.reply(now, call.id, ...) */ }
+//! }
+//! let next_wakeup = engine.poll_timeout(); // call engine.handle_timeout(t) when it is reached
+//! assert!(next_wakeup.is_some());          // the handshake has a deadline
+//! ```
+
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use bytes::Bytes;
+
+use crate::codec::rtype::{Method, MethodLayout, PromiseMode, RTypeCodec, RemoteError};
+use crate::codec::{Frame, decode_frame, encode_frame};
+use crate::connection::{self, ConnectionInfo, Control};
+use crate::error::{CallError, ConnectError, EngineError, InputError};
+use crate::event::{CallId, Context, Event, FnId, Invocation, InvokeId, InvokeTarget, Transmit};
+use crate::rng::Rng;
+use crate::service::{self, ServiceSpec, Visibility};
+use crate::time::{Duration, Instant};
+use crate::{Limits, Map, Value};
+
+/// The ext type tag of [`local_function`] placeholders. It is in msgpack's reserved (negative)
+/// range, is never sent on the wire, and is refused in anything a peer sends.
+pub const LOCAL_FUNCTION_EXT: i8 = -64;
+
+/// A placeholder for a local function inside call arguments. The engine replaces it with a
+/// callable descriptor when it sends the call, and emits [`Event::Invoke`] with
+/// [`InvokeTarget::Callback`] when the callee calls it (until the call settles, as in Python).
+///
+/// ```
+/// use hypha_rpc_core::engine::local_function;
+/// use hypha_rpc_core::FnId;
+/// let cb = local_function(FnId(7), "on_progress");
+/// assert_eq!(cb.kind(), "ext");
+/// ```
+pub fn local_function(id: FnId, name: &str) -> Value {
+    let mut payload = Vec::with_capacity(8 + name.len());
+    payload.extend_from_slice(&id.0.to_be_bytes());
+    payload.extend_from_slice(name.as_bytes());
+    Value::Ext(LOCAL_FUNCTION_EXT, payload.into())
+}
+
+fn parse_local_function(v: &Value) -> Option<(FnId, String)> {
+    match v {
+        Value::Ext(LOCAL_FUNCTION_EXT, p) if p.len() >= 8 => {
+            let id = u64::from_be_bytes(p[..8].try_into().ok()?);
+            let name = core::str::from_utf8(&p[8..]).ok()?;
+            Some((FnId(id), name.into()))
+        }
+        _ => None,
+    }
+}
+
+/// How the engine connects and behaves. Defaults follow the Python client.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EngineConfig {
+    /// Our client id (no `/`; avoid `:`, `@`, `.`, `*`).
+    pub client_id: String,
+    /// The workspace to join (`None`: the token's, or our own when anonymous).
+    pub workspace: Option<String>,
+    /// An access token (JWT), if any.
+    pub token: Option<String>,
+    /// How long a call may go without reply or heartbeat. Default 30 s (`t` = 15.0).
+    pub method_timeout: Duration,
+    /// Interval of the `{"type": "ping"}` keep-alive. Default 20 s (the server cuts idle links
+    /// at 600 s).
+    pub ping_interval: Duration,
+    /// How long to wait for `connection_info`. Default 30 s.
+    pub handshake_timeout: Duration,
+    /// How often to refresh the reconnection token. Default 7200 s, lowered to
+    /// `reconnection_token_life_time / 1.5` when that is shorter.
+    pub token_refresh_interval: Duration,
+    /// Caps on everything peers can make us hold.
+    pub limits: Limits,
+    /// Seeds session ids: same seed and inputs give the same bytes.
+    pub seed: u64,
+}
+
+impl EngineConfig {
+    /// Defaults for client `client_id`.
+    pub fn new(client_id: impl Into<String>) -> Self {
+        EngineConfig {
+            client_id: client_id.into(),
+            workspace: None,
+            token: None,
+            method_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(30),
+            token_refresh_interval: Duration::from_secs(7200),
+            limits: Limits::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Overrides [`EngineConfig::method_timeout`].
+    pub timeout: Option<Duration>,
+    /// The `parent` session: set it to [`Invocation::session`] when calling a function that
+    /// arrived in that invocation's arguments.
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No transport.
+    Idle,
+    /// Handshake sent, waiting for `connection_info`.
+    Handshaking { deadline: Instant },
+    /// Connected, registering `built-in`.
+    Registering,
+    /// Connected and usable.
+    Ready,
+    /// [`Engine::close`] was called.
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Internal {
+    Builtin,
+    Subscribe,
+    Restore(String),
+}
+
+#[derive(Debug)]
+struct Pending {
+    id: CallId,
+    target: String,
+    method: String,
+    timeout: Duration,
+    deadline: Instant,
+    internal: Option<Internal>,
+    callbacks: Vec<(String, FnId)>,
+}
+
+#[derive(Debug)]
+struct Active {
+    caller: String,
+    session: Option<String>,
+    resolve: Option<Method>,
+    reject: Option<Method>,
+    heartbeat: Option<(Method, Duration)>,
+    beat_at: Option<Instant>,
+    cancelled: bool,
+}
+
+/// The Hypha RPC protocol engine for one client. See the [module docs](self) for the drive loop.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    rng: Rng,
+    state: State,
+    info: Option<ConnectionInfo>,
+    reconnection_token: Option<String>,
+    services: Vec<ServiceSpec>,
+    deferred_registrations: Vec<(CallId, String)>,
+    sessions: BTreeMap<String, Pending>,
+    deadlines: BTreeSet<(Instant, String)>,
+    active: BTreeMap<InvokeId, Active>,
+    beats: BTreeSet<(Instant, InvokeId)>,
+    next_call: u64,
+    next_invoke: u64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    backlog: VecDeque<Bytes>,
+    next_ping: Option<Instant>,
+    next_refresh: Option<Instant>,
+    ever_ready: bool,
+}
+
+fn split_client(id: &str) -> (&str, &str) {
+    id.split_once('/').unwrap_or(("", id))
+}
+
+impl Engine {
+    /// A new engine with no transport. Call [`Engine::handle_transport_open`] once the
+    /// websocket is open.
+    pub fn new(config: EngineConfig, _now: Instant) -> Engine {
+        Engine {
+            rng: Rng::new(config.seed),
+            config,
+            state: State::Idle,
+            info: None,
+            reconnection_token: None,
+            services: Vec::new(),
+            deferred_registrations: Vec::new(),
+            sessions: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            active: BTreeMap::new(),
+            beats: BTreeSet::new(),
+            next_call: 0,
+            next_invoke: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            backlog: VecDeque::new(),
+            next_ping: None,
+            next_refresh: None,
+            ever_ready: false,
+        }
+    }
+
+    // ---- accessors ---------------------------------------------------------------------------
+
+    /// What the server said at the last successful handshake.
+    pub fn connection_info(&self) -> Option<&ConnectionInfo> {
+        self.info.as_ref()
+    }
+    /// `true` between [`Event::Connected`] and the next disconnect.
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+    /// The token the next handshake will present.
+    pub fn reconnection_token(&self) -> Option<&str> {
+        self.reconnection_token.as_deref()
+    }
+    /// Calls waiting for a reply (ours and the engine's own).
+    pub fn pending_calls(&self) -> usize {
+        self.sessions.len()
+    }
+    /// Invocations not yet answered.
+    pub fn active_invocations(&self) -> usize {
+        self.active.len()
+    }
+    /// Frames waiting for the connection to come back.
+    pub fn queued_frames(&self) -> usize {
+        self.backlog.len()
+    }
+    /// Ids of the services we serve (without `built-in`).
+    pub fn service_ids(&self) -> impl Iterator<Item = &str> {
+        self.services.iter().map(|s| s.id.as_str())
+    }
+
+    // ---- output ------------------------------------------------------------------------------
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+    /// When [`Engine::handle_timeout`] should be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        if let State::Handshaking { deadline } = self.state {
+            consider(Some(deadline));
+        }
+        consider(self.deadlines.first().map(|(t, _)| *t));
+        if matches!(self.state, State::Ready | State::Registering) {
+            consider(self.beats.first().map(|(t, _)| *t));
+            consider(self.next_ping);
+            consider(self.next_refresh);
+        }
+        t
+    }
+
+    // ---- transport inputs ----------------------------------------------------------------------
+
+    /// A new transport is open: starts the handshake (with the reconnection token when there
+    /// is one).
+    pub fn handle_transport_open(&mut self, now: Instant) -> Result<(), EngineError> {
+        if self.state == State::Closed {
+            return Err(EngineError::Closed);
+        }
+        self.transmits.retain(|t| !matches!(t, Transmit::Text(_)));
+        self.state = State::Handshaking { deadline: now + self.config.handshake_timeout };
+        let hs = connection::handshake(
+            &self.config.client_id,
+            self.config.workspace.as_deref(),
+            self.config.token.as_deref(),
+            self.reconnection_token.as_deref(),
+        );
+        self.transmits.push_back(Transmit::Text(hs));
+        Ok(())
+    }
+
+    /// The transport closed (either side). Pending calls keep their timers: replies can still
+    /// arrive after a quick reconnection, as with the Python client.
+    pub fn handle_transport_closed(&mut self, _now: Instant, code: Option<u16>, reason: &str) {
+        match self.state {
+            State::Handshaking { .. } => {
+                self.state = State::Idle;
+                let permanent = matches!(code, Some(1003 | 1008));
+                self.events.push_back(Event::ConnectionFailed {
+                    error: ConnectError::Closed { code, reason: reason.into() },
+                    permanent,
+                });
+            }
+            State::Registering | State::Ready => {
+                self.state = State::Idle;
+                self.next_ping = None;
+                self.next_refresh = None;
+                // Binary frames the driver never took go out again after the reconnection.
+                let unsent: Vec<_> = self.transmits.drain(..).collect();
+                for t in unsent.into_iter().rev() {
+                    if let Transmit::Binary(b) = t {
+                        self.backlog.push_front(b);
+                    }
+                }
+                // The engine's own calls are redone on the next connection.
+                let internal: Vec<String> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, p)| p.internal.is_some())
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                for s in internal {
+                    self.forget_session(&s);
+                }
+                self.events.push_back(Event::Disconnected { code, reason: reason.into() });
+            }
+            State::Idle | State::Closed => {}
+        }
+    }
+
+    /// A text frame from the transport.
+    pub fn handle_text(&mut self, now: Instant, text: &str) -> Result<(), InputError> {
+        if text.len() > self.config.limits.max_frame_bytes {
+            return Err(InputError::BadText("text frame too large".into()));
+        }
+        let control = connection::parse_control(text).map_err(InputError::BadText)?;
+        match (self.state, control) {
+            (State::Handshaking { .. }, Control::ConnectionInfo(map)) => {
+                let info = match ConnectionInfo::parse(&map) {
+                    Ok(info) => info,
+                    Err(error) => {
+                        self.fail_handshake(error, false);
+                        return Ok(());
+                    }
+                };
+                if let Some(want) = &self.config.workspace {
+                    if *want != info.workspace {
+                        let msg = format!("asked for workspace {want}, got {}", info.workspace);
+                        self.fail_handshake(ConnectError::BadConnectionInfo(msg), true);
+                        return Ok(());
+                    }
+                }
+                self.connected(now, info);
+            }
+            (State::Handshaking { .. }, Control::Error(message)) => {
+                self.fail_handshake(ConnectError::Refused { message }, true);
+            }
+            (_, Control::ReconnectionToken(token)) => self.reconnection_token = Some(token),
+            // pong, errors just before a close, unknown types: nothing to do.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A binary frame from the transport. A bad frame is dropped on its own; the error says
+    /// why (for logging).
+    pub fn handle_binary(&mut self, now: Instant, bytes: &Bytes) -> Result<(), InputError> {
+        match self.state {
+            // Python skips binary frames that arrive before connection_info (buffered messages).
+            State::Handshaking { .. } => return Ok(()),
+            State::Idle | State::Closed => {
+                return Err(InputError::Unexpected("binary frame without a connection"));
+            }
+            State::Registering | State::Ready => {}
+        }
+        let frame = decode_frame(bytes, &self.config.limits)?;
+        let kind = frame.main_str("type").ok_or_else(|| InputError::Protocol("no `type`".into()))?;
+        match kind {
+            "method" => self.handle_method(now, frame),
+            "client_disconnected" => {
+                self.check_from_server(&frame)?;
+                let data = frame.main.get("data").and_then(Value::as_map);
+                let id = data.and_then(|d| d.get("id")).and_then(Value::as_str);
+                let ws = data.and_then(|d| d.get("workspace")).and_then(Value::as_str);
+                let (Some(id), Some(ws)) = (id, ws) else {
+                    return Err(InputError::Protocol("client_disconnected without data.id/workspace".into()));
+                };
+                let peer = if id.contains('/') { id.to_string() } else { format!("{ws}/{id}") };
+                self.peer_gone(now, &peer);
+                self.events.push_back(Event::PeerDisconnected { peer });
+                Ok(())
+            }
+            "peer_not_found" => {
+                self.check_from_server(&frame)?;
+                let merged = frame.merged();
+                let peer = merged.get("peer_id").and_then(Value::as_str).map(String::from);
+                if let Some(s) = merged.get("session").and_then(Value::as_str) {
+                    if let Some(p) = self.sessions.get(s) {
+                        let peer = peer.clone().unwrap_or_else(|| p.target.clone());
+                        self.settle(now, s.to_string(), Err(CallError::PeerDisconnected { peer }));
+                    }
+                }
+                if let Some(peer) = peer {
+                    self.peer_gone(now, &peer);
+                }
+                Ok(())
+            }
+            _ => {
+                let kind = kind.to_string();
+                self.events.push_back(Event::ServerEvent { kind, message: frame.merged() });
+                Ok(())
+            }
+        }
+    }
+
+    /// Deadlines reached: call timeouts, heartbeats, keep-alive pings, token refresh. Calling
+    /// it early, late or twice is harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let State::Handshaking { deadline } = self.state {
+            if now >= deadline {
+                self.fail_handshake(ConnectError::Timeout(self.config.handshake_timeout), false);
+                self.transmits.push_back(Transmit::Close { code: 1000, reason: "handshake timeout".into() });
+            }
+        }
+        while let Some((t, s)) = self.deadlines.first().cloned() {
+            if t > now {
+                break;
+            }
+            let Some(p) = self.sessions.get(&s) else {
+                self.deadlines.pop_first();
+                continue;
+            };
+            let err =
+                CallError::Timeout { target: p.target.clone(), method: p.method.clone(), after: p.timeout };
+            self.settle(now, s, Err(err));
+        }
+        if !matches!(self.state, State::Ready | State::Registering) {
+            return;
+        }
+        while let Some((t, id)) = self.beats.first().copied() {
+            if t > now {
+                break;
+            }
+            self.beats.pop_first();
+            let Some(a) = self.active.get_mut(&id) else { continue };
+            let Some((slot, interval)) = a.heartbeat.clone() else { continue };
+            let next = now + interval;
+            a.beat_at = Some(next);
+            self.beats.insert((next, id));
+            let session = a.session.clone();
+            let frame = self.fire_frame(&slot, session.as_deref(), None);
+            self.transmits.push_back(Transmit::Binary(encode_frame(&frame)));
+        }
+        if self.next_ping.is_some_and(|t| t <= now) {
+            self.transmits.push_back(Transmit::Text(connection::control("ping")));
+            self.next_ping = Some(now + self.config.ping_interval);
+        }
+        if self.next_refresh.is_some_and(|t| t <= now) {
+            self.transmits.push_back(Transmit::Text(connection::control("refresh_token")));
+            self.next_refresh = Some(now + self.refresh_interval());
+        }
+    }
+
+    // ---- commands ----------------------------------------------------------------------------
+
+    /// Calls a remote function given by its descriptor (from `get_service`, or received as an
+    /// argument). The result arrives as [`Event::CallSettled`] with the returned id.
+    ///
+    /// Local functions inside `args`/`kwargs` ([`local_function`]) become callbacks the callee
+    /// may call until the call settles. While the connection is down (after a first
+    /// connection), the frame waits and goes out after the reconnection; the timeout counts
+    /// from now.
+    pub fn call(
+        &mut self,
+        now: Instant,
+        target: &Method,
+        args: Vec<Value>,
+        kwargs: Option<Map>,
+        options: CallOptions,
+    ) -> Result<CallId, EngineError> {
+        self.call_inner(now, target, args, kwargs, options, None)
+    }
+
+    /// Calls a method of the workspace manager (`services.default.<name>`: `echo`,
+    /// `list_services`, `generate_token`, ...).
+    pub fn call_manager(
+        &mut self,
+        now: Instant,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Option<Map>,
+    ) -> Result<CallId, EngineError> {
+        let target = self.manager_method(name)?;
+        self.call_inner(now, &target, args, kwargs, CallOptions::default(), None)
+    }
+
+    /// Fetches a service through the manager. `id` takes every form the Python client accepts
+    /// (`svc`, `client:svc`, `ws/client:svc`, `svc@app`). The result is the service map, whose
+    /// functions are [`Method`] descriptors ready for [`Engine::call`].
+    pub fn get_service(&mut self, now: Instant, id: &str) -> Result<CallId, EngineError> {
+        self.call_manager(now, "get_service", vec![id.into()], None)
+    }
+
+    /// Registers a service: the engine keeps it (and registers it again after every
+    /// reconnection) and announces it to the manager. Replaces a service with the same id.
+    /// The manager's answer settles the returned call (at the next connection if there is
+    /// none now).
+    pub fn register_service(&mut self, now: Instant, spec: ServiceSpec) -> Result<CallId, EngineError> {
+        spec.validate()?;
+        if spec.id == "built-in" || spec.id.starts_with("_rintf_") {
+            return Err(EngineError::InvalidName { what: "service id (reserved)", value: spec.id });
+        }
+        if self.state == State::Closed {
+            return Err(EngineError::Closed);
+        }
+        let id = spec.id.clone();
+        match self.services.iter_mut().find(|s| s.id == id) {
+            Some(s) => *s = spec,
+            None => self.services.push(spec),
+        }
+        if self.state == State::Ready {
+            let info = self.register_info(&id);
+            let target = self.manager_method("register_service")?;
+            self.call_inner(now, &target, vec![info], None, CallOptions::default(), None)
+        } else {
+            let call = self.new_call_id();
+            self.deferred_registrations.push((call, id));
+            Ok(call)
+        }
+    }
+
+    /// Stops serving a service and tells the manager.
+    pub fn unregister_service(&mut self, now: Instant, id: &str) -> Result<CallId, EngineError> {
+        let pos = self
+            .services
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| EngineError::UnknownService(id.into()))?;
+        self.services.remove(pos);
+        match &self.info {
+            Some(info) if self.state == State::Ready => {
+                let full = format!("{}/{}:{id}", info.workspace, info.client_id);
+                self.call_manager(now, "unregister_service", vec![full.into()], None)
+            }
+            _ => {
+                let call = self.new_call_id();
+                self.events.push_back(Event::CallSettled { id: call, result: Ok(Value::Nil) });
+                Ok(call)
+            }
+        }
+    }
+
+    /// Answers an [`Event::Invoke`]: `Ok(value)` resolves the caller's call, `Err(error)`
+    /// rejects it with a remote error (message and traceback).
+    pub fn reply(
+        &mut self,
+        _now: Instant,
+        id: InvokeId,
+        result: Result<Value, RemoteError>,
+    ) -> Result<(), EngineError> {
+        let payload = match result {
+            Ok(v) => {
+                if contains_local_function(&v) {
+                    return Err(EngineError::CallbackInReply);
+                }
+                Ok(v)
+            }
+            Err(e) => Err(e.to_value()),
+        };
+        let a = self.active.remove(&id).ok_or(EngineError::UnknownInvocation)?;
+        if let Some(t) = a.beat_at {
+            self.beats.remove(&(t, id));
+        }
+        if a.cancelled {
+            return Ok(());
+        }
+        let (slot, value) = match payload {
+            Ok(v) => (a.resolve, v),
+            Err(e) => (a.reject, e),
+        };
+        if let Some(slot) = slot {
+            let frame = self.fire_frame(&slot, a.session.as_deref(), Some(value));
+            self.send(encode_frame(&frame))?;
+        }
+        Ok(())
+    }
+
+    /// Closes for good: fails every pending call ([`CallError::Closed`]), drops invocations, and
+    /// asks the driver to close the transport with code 1000.
+    pub fn close(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        let was_connected =
+            matches!(self.state, State::Registering | State::Ready | State::Handshaking { .. });
+        self.state = State::Closed;
+        let sessions: Vec<String> = self.sessions.keys().cloned().collect();
+        for s in sessions {
+            self.settle(now, s, Err(CallError::Closed));
+        }
+        for (pending, _) in core::mem::take(&mut self.deferred_registrations) {
+            self.events.push_back(Event::CallSettled { id: pending, result: Err(CallError::Closed) });
+        }
+        self.active.clear();
+        self.beats.clear();
+        self.backlog.clear();
+        self.transmits.clear();
+        self.next_ping = None;
+        self.next_refresh = None;
+        if was_connected {
+            self.transmits.push_back(Transmit::Close { code: 1000, reason: String::new() });
+        }
+    }
+
+    // ---- internals: connection -----------------------------------------------------------------
+
+    fn fail_handshake(&mut self, error: ConnectError, permanent: bool) {
+        self.state = State::Idle;
+        self.events.push_back(Event::ConnectionFailed { error, permanent });
+    }
+
+    fn refresh_interval(&self) -> Duration {
+        let life = self.info.as_ref().and_then(|i| i.reconnection_token_life_time).unwrap_or(f64::INFINITY);
+        let cap = if life.is_finite() && life > 0.0 {
+            Duration::from_secs_f64(life / 1.5)
+        } else {
+            self.config.token_refresh_interval
+        };
+        self.config.token_refresh_interval.min(cap).max(Duration::from_secs(1))
+    }
+
+    fn connected(&mut self, now: Instant, info: ConnectionInfo) {
+        if let Some(old) = &self.info {
+            if old.manager_id != info.manager_id {
+                // The server restarted: nobody will answer calls addressed to the old manager.
+                let old_manager = old.manager_address();
+                let dead: Vec<String> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, p)| p.target == old_manager)
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                for s in dead {
+                    let p = &self.sessions[&s];
+                    let err =
+                        CallError::ServerRestarted { target: p.target.clone(), method: p.method.clone() };
+                    self.settle(now, s, Err(err));
+                }
+            }
+        }
+        if let Some(t) = &info.reconnection_token {
+            self.reconnection_token = Some(t.clone());
+        }
+        self.info = Some(info);
+        self.state = State::Registering;
+        self.next_ping = Some(now + self.config.ping_interval);
+        self.next_refresh = Some(now + self.refresh_interval());
+        let builtin = self.builtin_spec().registration(&self.workspace(), &self.config.client_id);
+        if let Ok(target) = self.manager_method("register_service") {
+            let _ = self.call_inner(
+                now,
+                &target,
+                vec![builtin],
+                None,
+                CallOptions::default(),
+                Some(Internal::Builtin),
+            );
+        }
+    }
+
+    fn became_ready(&mut self, now: Instant) {
+        let reconnected = self.ever_ready;
+        self.ever_ready = true;
+        self.state = State::Ready;
+        let Some(info) = self.info.clone() else { return };
+        self.events.push_back(Event::Connected { info, reconnected });
+        if let Ok(t) = self.manager_method("subscribe") {
+            let events = Value::Array(vec!["client_disconnected".into()]);
+            let _ = self.call_inner(
+                now,
+                &t,
+                vec![events],
+                None,
+                CallOptions::default(),
+                Some(Internal::Subscribe),
+            );
+        }
+        let deferred = core::mem::take(&mut self.deferred_registrations);
+        let ids: Vec<String> = self.services.iter().map(|s| s.id.clone()).collect();
+        for id in ids {
+            let info = self.register_info(&id);
+            let Ok(target) = self.manager_method("register_service") else { continue };
+            match deferred.iter().find(|(_, d)| *d == id) {
+                Some((call, _)) => {
+                    let _ = self.call_with_id(
+                        now,
+                        *call,
+                        &target,
+                        vec![info],
+                        None,
+                        CallOptions::default(),
+                        None,
+                    );
+                }
+                None => {
+                    let internal = Some(Internal::Restore(id));
+                    let _ = self.call_inner(now, &target, vec![info], None, CallOptions::default(), internal);
+                }
+            }
+        }
+        for (call, id) in deferred {
+            if !self.services.iter().any(|s| s.id == id) {
+                // Unregistered before it could be registered.
+                self.events.push_back(Event::CallSettled { id: call, result: Ok(Value::Nil) });
+            }
+        }
+        while let Some(b) = self.backlog.pop_front() {
+            self.transmits.push_back(Transmit::Binary(b));
+        }
+    }
+
+    fn check_from_server(&self, frame: &Frame) -> Result<(), InputError> {
+        match frame.main.get("from") {
+            None => Ok(()),
+            Some(v) if v.as_str().is_some() && v.as_str() == self.manager_address().as_deref() => Ok(()),
+            Some(_) => Err(InputError::Protocol("a system event from an ordinary client was ignored".into())),
+        }
+    }
+
+    fn manager_address(&self) -> Option<String> {
+        self.info.as_ref().map(ConnectionInfo::manager_address)
+    }
+
+    fn workspace(&self) -> String {
+        self.info.as_ref().map(|i| i.workspace.clone()).unwrap_or_default()
+    }
+
+    fn me(&self) -> String {
+        format!("{}/{}", self.workspace(), self.config.client_id)
+    }
+
+    fn builtin_spec(&self) -> ServiceSpec {
+        service::builtin(&self.workspace(), &self.config.client_id)
+    }
+
+    fn register_info(&self, id: &str) -> Value {
+        match self.services.iter().find(|s| s.id == id) {
+            Some(s) => s.registration(&self.workspace(), &self.config.client_id),
+            None => Value::Nil,
+        }
+    }
+
+    fn manager_method(&self, name: &str) -> Result<Method, EngineError> {
+        let manager = self.manager_address().ok_or(EngineError::NotConnected)?;
+        Ok(Method {
+            target: manager,
+            method: format!("services.default.{name}"),
+            promise: Some(PromiseMode::Compact),
+            ..Method::default()
+        })
+    }
+
+    // ---- internals: incoming calls -------------------------------------------------------------
+
+    fn handle_method(&mut self, now: Instant, frame: Frame) -> Result<(), InputError> {
+        // Envelope keys come from `main` only (the server wrote `from`, `ws`, `user`); the
+        // payload keys from `extra` only. A forged `from` inside `extra` is never read.
+        let main_str = |k: &str| frame.main.get(k).and_then(Value::as_str).map(String::from);
+        let from =
+            main_str("from").ok_or_else(|| InputError::Protocol("method frame without `from`".into()))?;
+        let method =
+            main_str("method").ok_or_else(|| InputError::Protocol("method frame without `method`".into()))?;
+        let session = main_str("session");
+        let parent = main_str("parent");
+        let (remote_ws, _) = split_client(&from);
+        let remote_ws = remote_ws.to_string();
+        let my_ws = self.workspace();
+        if let Some(to) = main_str("to") {
+            let to_ws = split_client(&to).0;
+            if !to_ws.is_empty() && to_ws != my_ws {
+                return Err(InputError::Protocol(format!("workspace mismatch: frame for {to}")));
+            }
+        }
+        let empty = Map::new();
+        let extra = frame.extra.as_ref().unwrap_or(&empty);
+
+        // Where replies go (PROTOCOL.md §5.2).
+        let (resolve, reject, heartbeat) = self.promise_slots(extra, &from, session.as_deref())?;
+
+        // Resolve the method path.
+        let target = if let Some(rest) = method.strip_prefix("services.") {
+            let (svc, path) = rest.split_once('.').unwrap_or((rest, ""));
+            self.resolve_service_call(&from, &remote_ws, svc, path, &method)
+        } else {
+            let (s, rest) = method.split_once('.').unwrap_or((method.as_str(), ""));
+            match self.sessions.get(s) {
+                None if matches!(rest, "resolve" | "reject" | "heartbeat") => return Ok(()), // late reply
+                None => Err(format!("Session not found: {from}:{method}")),
+                Some(p) if p.target != from => {
+                    Err(format!("Access denied for method call ({method}) from {from}"))
+                }
+                Some(p) => match rest {
+                    "heartbeat" => {
+                        let (old, timeout) = (p.deadline, p.timeout);
+                        let deadline = now + timeout;
+                        let key = s.to_string();
+                        self.deadlines.remove(&(old, key.clone()));
+                        self.deadlines.insert((deadline, key.clone()));
+                        if let Some(p) = self.sessions.get_mut(&key) {
+                            p.deadline = deadline;
+                        }
+                        return Ok(());
+                    }
+                    "resolve" | "reject" => {
+                        let mut value =
+                            extra.get("args").and_then(Value::as_array).and_then(|a| a.first()).cloned();
+                        if let Some(v) = &mut value {
+                            if sanitize_incoming(v, &remote_ws).is_err() {
+                                let err = CallError::BadReply("reply carries a reserved ext value".into());
+                                self.settle(now, s.to_string(), Err(err));
+                                return Ok(());
+                            }
+                        }
+                        let result = if rest == "resolve" {
+                            Ok(value.unwrap_or_default())
+                        } else {
+                            Err(remote_error(value.as_ref()))
+                        };
+                        self.settle(now, s.to_string(), result);
+                        return Ok(());
+                    }
+                    key => match p.callbacks.iter().find(|(k, _)| k == key) {
+                        Some((_, f)) => Ok(Some(InvokeTarget::Callback { function: *f, call: p.id })),
+                        None => Err(format!("Method expired or not found: {from}:{method}")),
+                    },
+                },
+            }
+        };
+        let target = match target {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                // The built-in service, answered here.
+                let path = method.strip_prefix("services.built-in.").unwrap_or_default().to_string();
+                let result = self.builtin_call(&path, extra, &frame);
+                return self.answer_now(resolve, reject, session.as_deref(), result);
+            }
+            Err(message) => {
+                let err = RemoteError {
+                    message: message.clone(),
+                    trace: Some(format!("Exception: {message}\n")),
+                    other: Map::new(),
+                };
+                self.answer_now(resolve, reject, session.as_deref(), Err(err))?;
+                return Err(InputError::Protocol(message));
+            }
+        };
+
+        if self.active.len() >= self.config.limits.max_active_invocations {
+            let message =
+                format!("Too many concurrent calls (limit {})", self.config.limits.max_active_invocations);
+            let err = RemoteError { message, trace: None, other: Map::new() };
+            return self.answer_now(resolve, reject, session.as_deref(), Err(err));
+        }
+
+        let mut args = extra.get("args").and_then(Value::as_array).map(<[Value]>::to_vec).unwrap_or_default();
+        for a in &mut args {
+            if sanitize_incoming(a, &remote_ws).is_err() {
+                let err = RemoteError {
+                    message: "reserved ext value in arguments".into(),
+                    trace: None,
+                    other: Map::new(),
+                };
+                return self.answer_now(resolve, reject, session.as_deref(), Err(err));
+            }
+        }
+        let mut kwargs = None;
+        let with_kwargs = extra.get("with_kwargs").and_then(Value::as_bool).unwrap_or(false);
+        let trailing_rkwargs = args
+            .last()
+            .and_then(Value::as_map)
+            .is_some_and(|m| m.get("_rkwargs") == Some(&Value::Bool(true)));
+        if with_kwargs || trailing_rkwargs {
+            match args.pop() {
+                Some(Value::Map(mut m)) => {
+                    m.remove("_rkwargs");
+                    kwargs = Some(m);
+                }
+                _ => {
+                    let err = RemoteError {
+                        message: "with_kwargs set but the last argument is not a map".into(),
+                        trace: None,
+                        other: Map::new(),
+                    };
+                    return self.answer_now(resolve, reject, session.as_deref(), Err(err));
+                }
+            }
+        }
+        let context = match &target {
+            InvokeTarget::Service { service, function } => {
+                let wants = self
+                    .services
+                    .iter()
+                    .find(|s| s.id == *service)
+                    .is_some_and(|s| s.wants_context(function));
+                wants.then(|| Context {
+                    from: from.clone(),
+                    to: self.me(),
+                    ws: frame.main.get("ws").and_then(Value::as_str).unwrap_or(&remote_ws).to_string(),
+                    user: frame.main.get("user").cloned().unwrap_or_default(),
+                    method: method.clone(),
+                    session: session.clone(),
+                    parent: parent.clone(),
+                    connection_type: "websocket",
+                })
+            }
+            InvokeTarget::Callback { .. } => None,
+        };
+        self.next_invoke += 1;
+        let id = InvokeId(self.next_invoke);
+        let wants_reply = resolve.is_some() || reject.is_some();
+        let beat_at = heartbeat.as_ref().map(|_| now);
+        if let Some(t) = beat_at {
+            // Due at once, sent only if the driver has not replied by its next timeout check:
+            // a handler that answers synchronously costs no heartbeat.
+            self.beats.insert((t, id));
+        }
+        self.active.insert(
+            id,
+            Active {
+                caller: from.clone(),
+                session: session.clone(),
+                resolve,
+                reject,
+                heartbeat,
+                beat_at,
+                cancelled: false,
+            },
+        );
+        self.events.push_back(Event::Invoke(Invocation {
+            id,
+            target,
+            args,
+            kwargs,
+            context,
+            caller: from,
+            session,
+            wants_reply,
+        }));
+        Ok(())
+    }
+
+    /// `Ok(Some)` for a user service function, `Ok(None)` for `built-in`, `Err` with Python's
+    /// message when the path names nothing callable or the caller may not call it.
+    fn resolve_service_call(
+        &self,
+        from: &str,
+        remote_ws: &str,
+        svc: &str,
+        path: &str,
+        method: &str,
+    ) -> Result<Option<InvokeTarget>, String> {
+        if svc == "built-in" {
+            return match self.builtin_spec().function_at(path) {
+                Some(_) => Ok(None),
+                None => Err(format!("Method expired or not found: {from}:{method}")),
+            };
+        }
+        let spec = self.services.iter().find(|s| s.id == svc);
+        let Some(spec) = spec.filter(|s| s.function_at(path).is_some()) else {
+            return Err(format!("Method expired or not found: {from}:{method}"));
+        };
+        if spec.visibility == Visibility::Protected
+            && remote_ws != self.workspace()
+            && !spec.authorized_workspaces.iter().any(|w| w == remote_ws)
+            && Some(from) != self.manager_address().as_deref()
+        {
+            return Err(format!("Permission denied for invoking protected method {method}"));
+        }
+        Ok(Some(InvokeTarget::Service { service: svc.into(), function: path.into() }))
+    }
+
+    /// Calls of our `built-in` service (PROTOCOL.md §6.2), answered by the engine itself.
+    fn builtin_call(&self, path: &str, extra: &Map, frame: &Frame) -> Result<Value, RemoteError> {
+        let err = |message: String| RemoteError { message, trace: None, other: Map::new() };
+        let mut args = extra.get("args").and_then(Value::as_array).unwrap_or(&[]);
+        let mut kw = None;
+        if extra.get("with_kwargs").and_then(Value::as_bool) == Some(true) {
+            if let Some((last, rest)) = args.split_last() {
+                kw = last.as_map();
+                args = rest;
+            }
+        }
+        let arg = |i: usize, name: &str| args.get(i).or_else(|| kw.and_then(|k| k.get(name)));
+        match path {
+            "ping" => match arg(0, "msg").and_then(Value::as_str) {
+                Some("ping") => Ok("pong".into()),
+                _ => Err(err("ping expects the message \"ping\"".into())),
+            },
+            "get_service" => {
+                let id = arg(0, "service_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| err("get_service needs a service id".into()))?;
+                // The manager asks with `ws` set to our workspace; callers elsewhere need
+                // visibility public/unlisted or an authorized workspace.
+                let caller_ws = frame.main.get("ws").and_then(Value::as_str).unwrap_or_default();
+                let local = id.rsplit_once(':').map_or(id, |(_, s)| s);
+                let local = local.split_once('@').map_or(local, |(s, _)| s);
+                let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
+                let me = self.me();
+                if local == "built-in" {
+                    return Ok(self.builtin_spec().served(&server, &me));
+                }
+                let spec = self
+                    .services
+                    .iter()
+                    .find(|s| s.id == local)
+                    .ok_or_else(|| err(format!("Service not found: {id}")))?;
+                if spec.visibility == Visibility::Protected
+                    && caller_ws != self.workspace()
+                    && !spec.authorized_workspaces.iter().any(|w| w == caller_ws)
+                {
+                    return Err(err(format!("Permission denied for getting protected service: {id}")));
+                }
+                Ok(spec.served(&server, &me))
+            }
+            _ => Err(err(format!(
+                "{path} is not supported by this client yet (large messages arrive in a later version)"
+            ))),
+        }
+    }
+
+    /// Answers a call the engine handles itself (or refuses) straight away.
+    fn answer_now(
+        &mut self,
+        resolve: Option<Method>,
+        reject: Option<Method>,
+        session: Option<&str>,
+        result: Result<Value, RemoteError>,
+    ) -> Result<(), InputError> {
+        let (slot, value) = match result {
+            Ok(v) => (resolve, v),
+            Err(e) => (reject, e.to_value()),
+        };
+        if let Some(slot) = slot {
+            let frame = self.fire_frame(&slot, session, Some(value));
+            // Queueing fails only when the backlog is full; the caller then times out.
+            let _ = self.send(encode_frame(&frame));
+        }
+        Ok(())
+    }
+
+    /// The reply slots of an incoming call: `promise: "*"` expanded, or the full object parsed.
+    #[allow(clippy::type_complexity)]
+    fn promise_slots(
+        &self,
+        extra: &Map,
+        from: &str,
+        session: Option<&str>,
+    ) -> Result<(Option<Method>, Option<Method>, Option<(Method, Duration)>), InputError> {
+        let min = self.config.limits.min_heartbeat_interval;
+        let interval = |v: Option<&Value>| {
+            v.and_then(Value::as_f64)
+                .filter(|t| t.is_finite() && *t >= 0.0)
+                .map(|t| Duration::from_secs_f64(t.min(86_400.0)).max(min))
+        };
+        match extra.get("promise") {
+            None => Ok((None, None, None)),
+            Some(Value::Str(star)) if star == "*" => {
+                let Some(s) = session else {
+                    return Err(InputError::Protocol("promise \"*\" without a session".into()));
+                };
+                let slot = |name: &str| Method {
+                    target: from.into(),
+                    method: format!("{s}.{name}"),
+                    ..Method::default()
+                };
+                let hb = interval(extra.get("t")).map(|i| (slot("heartbeat"), i));
+                Ok((Some(slot("resolve")), Some(slot("reject")), hb))
+            }
+            Some(Value::Map(p)) => {
+                let (ws, _) = split_client(from);
+                let slot = |k: &str| -> Result<Option<Method>, InputError> {
+                    match p.get(k) {
+                        None | Some(Value::Nil) => Ok(None),
+                        Some(v) => {
+                            let mut m = Method::from_value(v)
+                                .ok_or_else(|| InputError::Protocol(format!("promise.{k} is not a method")))?
+                                .map_err(|e| InputError::Protocol(e.to_string()))?;
+                            if !m.target.contains('/') {
+                                m.target = format!("{ws}/{}", m.target);
+                            }
+                            Ok(Some(m))
+                        }
+                    }
+                };
+                let hb = match (slot("heartbeat")?, interval(p.get("interval"))) {
+                    (Some(h), Some(i)) => Some((h, i)),
+                    _ => None,
+                };
+                Ok((slot("resolve")?, slot("reject")?, hb))
+            }
+            Some(other) => Err(InputError::Protocol(format!("promise is a {}", other.kind()))),
+        }
+    }
+
+    // ---- internals: calls ----------------------------------------------------------------------
+
+    fn new_call_id(&mut self) -> CallId {
+        self.next_call += 1;
+        CallId(self.next_call)
+    }
+
+    fn call_inner(
+        &mut self,
+        now: Instant,
+        target: &Method,
+        args: Vec<Value>,
+        kwargs: Option<Map>,
+        options: CallOptions,
+        internal: Option<Internal>,
+    ) -> Result<CallId, EngineError> {
+        let id = self.new_call_id();
+        self.call_with_id(now, id, target, args, kwargs, options, internal)?;
+        Ok(id)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn call_with_id(
+        &mut self,
+        now: Instant,
+        id: CallId,
+        target: &Method,
+        mut args: Vec<Value>,
+        kwargs: Option<Map>,
+        options: CallOptions,
+        internal: Option<Internal>,
+    ) -> Result<(), EngineError> {
+        match self.state {
+            State::Closed => return Err(EngineError::Closed),
+            _ if self.info.is_none() => return Err(EngineError::NotConnected),
+            _ => {}
+        }
+        let limits = &self.config.limits;
+        if self.sessions.len() >= limits.max_pending_calls {
+            return Err(EngineError::LimitReached { what: "pending calls", max: limits.max_pending_calls });
+        }
+        let wants_reply = matches!(target.promise, Some(PromiseMode::Compact | PromiseMode::Full));
+        let session = wants_reply.then(|| self.rng.short_id());
+        let timeout = options.timeout.unwrap_or(self.config.method_timeout);
+        let me = self.me();
+        let to = if target.target.contains('/') {
+            target.target.clone()
+        } else {
+            format!("{}/{}", self.workspace(), target.target)
+        };
+
+        // Local functions become callbacks kept in this call's session.
+        let mut callbacks = Vec::new();
+        let with_kwargs = kwargs.is_some();
+        if let Some(kw) = kwargs {
+            args.push(Value::Map(kw));
+        }
+        if args.iter().any(contains_local_function) {
+            let Some(s) = &session else { return Err(EngineError::CallbackWithoutReply) };
+            let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
+            for a in &mut args {
+                self.replace_local_functions(a, s, &me, &server, &mut callbacks);
+            }
+        }
+
+        let mut main = Map::with_capacity(6);
+        main.push("type", "method");
+        main.push("from", me.as_str());
+        main.push("to", to.as_str());
+        main.push("method", target.method.as_str());
+        if let Some(p) = &options.parent {
+            main.push("parent", p.as_str());
+        }
+        if let Some(s) = &session {
+            main.push("session", s.as_str());
+        }
+        let mut extra = Map::with_capacity(4);
+        if !args.is_empty() {
+            extra.push("args", Value::Array(args));
+        }
+        if with_kwargs {
+            extra.push("with_kwargs", true);
+        }
+        match (target.promise, &session) {
+            (Some(PromiseMode::Compact), Some(_)) => {
+                extra.push("promise", "*");
+                extra.push("t", timeout.as_secs_f64() / 2.0);
+            }
+            (Some(PromiseMode::Full), Some(s)) => {
+                let bare = self.config.client_id.as_str();
+                let slot = |name: &str| {
+                    Method {
+                        target: bare.into(),
+                        method: format!("{s}.{name}"),
+                        promise: Some(PromiseMode::None),
+                        ..Method::default()
+                    }
+                    .to_value()
+                };
+                let mut promise = Map::with_capacity(4);
+                promise.push("heartbeat", slot("heartbeat"));
+                promise.push("interval", timeout.as_secs_f64() / 2.0);
+                promise.push("resolve", slot("resolve"));
+                promise.push("reject", slot("reject"));
+                extra.push("promise", promise);
+            }
+            _ => {}
+        }
+        let frame = Frame { main, extra: (!extra.is_empty()).then_some(extra) };
+        let bytes = encode_frame(&frame);
+        if internal.is_some() {
+            self.transmits.push_back(Transmit::Binary(bytes));
+        } else {
+            self.send(bytes)?;
+        }
+        match session {
+            Some(s) => {
+                let deadline = now + timeout;
+                self.deadlines.insert((deadline, s.clone()));
+                self.sessions.insert(
+                    s,
+                    Pending {
+                        id,
+                        target: to,
+                        method: target.method.clone(),
+                        timeout,
+                        deadline,
+                        internal,
+                        callbacks,
+                    },
+                );
+            }
+            None => self.events.push_back(Event::CallSettled { id, result: Ok(Value::Nil) }),
+        }
+        Ok(())
+    }
+
+    /// Sends a user frame now, or queues it until the connection is back.
+    fn send(&mut self, bytes: Bytes) -> Result<(), EngineError> {
+        if self.state == State::Ready {
+            self.transmits.push_back(Transmit::Binary(bytes));
+            return Ok(());
+        }
+        let max = self.config.limits.max_queued_frames;
+        if self.backlog.len() >= max {
+            return Err(EngineError::LimitReached { what: "queued frames", max });
+        }
+        self.backlog.push_back(bytes);
+        Ok(())
+    }
+
+    fn replace_local_functions(
+        &mut self,
+        v: &mut Value,
+        session: &str,
+        me: &str,
+        server: &str,
+        out: &mut Vec<(String, FnId)>,
+    ) {
+        if let Some((fid, name)) = parse_local_function(v) {
+            let key =
+                if name.is_empty() { self.rng.short_id() } else { format!("{}#{name}", self.rng.short_id()) };
+            *v = Method {
+                target: me.into(),
+                method: format!("{session}.{key}"),
+                promise: Some(PromiseMode::Compact),
+                server: Some(server.into()),
+                name: Some(if name.is_empty() { "callback".into() } else { name }),
+                doc: Some(Value::Nil),
+                layout: MethodLayout::Callback,
+                ..Method::default()
+            }
+            .to_value();
+            out.push((key, fid));
+            return;
+        }
+        match v {
+            Value::Array(a) => {
+                a.iter_mut().for_each(|x| self.replace_local_functions(x, session, me, server, out))
+            }
+            Value::Map(m) => {
+                m.iter_mut().for_each(|(_, x)| self.replace_local_functions(x, session, me, server, out))
+            }
+            _ => {}
+        }
+    }
+
+    /// A fire-and-forget frame calling promise slot `slot` with `parent`.
+    fn fire_frame(&self, slot: &Method, parent: Option<&str>, value: Option<Value>) -> Frame {
+        let mut main = Map::with_capacity(5);
+        main.push("type", "method");
+        main.push("from", self.me());
+        main.push("to", slot.target.as_str());
+        main.push("method", slot.method.as_str());
+        if let Some(p) = parent {
+            main.push("parent", p);
+        }
+        let extra = value.map(|v| {
+            let mut e = Map::with_capacity(1);
+            e.push("args", Value::Array(vec![v]));
+            e
+        });
+        Frame { main, extra }
+    }
+
+    fn forget_session(&mut self, s: &str) -> Option<Pending> {
+        let p = self.sessions.remove(s)?;
+        self.deadlines.remove(&(p.deadline, s.to_string()));
+        Some(p)
+    }
+
+    /// Settles the call of session `s` exactly once and frees its state.
+    fn settle(&mut self, now: Instant, s: String, result: Result<Value, CallError>) {
+        let Some(p) = self.forget_session(&s) else { return };
+        match p.internal {
+            None => self.events.push_back(Event::CallSettled { id: p.id, result }),
+            Some(Internal::Builtin) => match result {
+                Ok(_) => self.became_ready(now),
+                Err(e) => {
+                    self.state = State::Idle;
+                    self.events.push_back(Event::ConnectionFailed {
+                        error: ConnectError::BuiltinRejected(e.to_string()),
+                        permanent: false,
+                    });
+                    self.transmits
+                        .push_back(Transmit::Close { code: 1000, reason: "built-in rejected".into() });
+                }
+            },
+            Some(Internal::Subscribe) => {}
+            Some(Internal::Restore(service)) => {
+                if let Err(error) = result {
+                    self.events.push_back(Event::ServiceRestoreFailed { service, error });
+                }
+            }
+        }
+    }
+
+    /// A peer left: fail calls to it, drop invocations from it.
+    fn peer_gone(&mut self, now: Instant, peer: &str) {
+        let dead: Vec<String> =
+            self.sessions.iter().filter(|(_, p)| p.target == peer).map(|(s, _)| s.clone()).collect();
+        for s in dead {
+            self.settle(now, s, Err(CallError::PeerDisconnected { peer: peer.into() }));
+        }
+        for (id, a) in self.active.iter_mut() {
+            if a.caller == peer && !a.cancelled {
+                a.cancelled = true;
+                if let Some(t) = a.beat_at.take() {
+                    self.beats.remove(&(t, *id));
+                }
+                self.events.push_back(Event::InvokeCancelled { id: *id });
+            }
+        }
+    }
+}
+
+/// The error of a reject: `{_rtype: "error", _rvalue, _rtrace}`, or whatever else was sent.
+fn remote_error(v: Option<&Value>) -> CallError {
+    match v.and_then(RemoteError::from_value) {
+        Some(Ok(e)) => CallError::Remote { message: e.message, trace: e.trace },
+        _ => CallError::Remote { message: v.map(|v| format!("{v:?}")).unwrap_or_default(), trace: None },
+    }
+}
+
+/// Prepares a value a peer sent: bare `_rtarget`s of callables get the sender's workspace
+/// (PROTOCOL.md §4.3), and our reserved placeholder ext is refused.
+fn sanitize_incoming(v: &mut Value, ws: &str) -> Result<(), ()> {
+    match v {
+        Value::Ext(LOCAL_FUNCTION_EXT, _) => Err(()),
+        Value::Array(a) => a.iter_mut().try_for_each(|x| sanitize_incoming(x, ws)),
+        Value::Map(m) => {
+            let callable = matches!(m.get("_rtype").and_then(Value::as_str), Some("method" | "generator"));
+            if callable {
+                if let Some(Value::Str(t)) = m.get_mut("_rtarget") {
+                    if !t.contains('/') {
+                        *t = format!("{ws}/{t}");
+                    }
+                }
+            }
+            m.iter_mut().try_for_each(|(k, x)| {
+                sanitize_incoming(k, ws)?;
+                sanitize_incoming(x, ws)
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn contains_local_function(v: &Value) -> bool {
+    match v {
+        Value::Ext(LOCAL_FUNCTION_EXT, _) => true,
+        Value::Array(a) => a.iter().any(contains_local_function),
+        Value::Map(m) => m.iter().any(|(k, x)| contains_local_function(k) || contains_local_function(x)),
+        _ => false,
+    }
+}
