@@ -513,9 +513,18 @@ impl Engine {
 
     /// Fetches a service through the manager. `id` takes every form the Python client accepts
     /// (`svc`, `client:svc`, `ws/client:svc`, `svc@app`). The result is the service map, whose
-    /// functions are [`Method`] descriptors ready for [`Engine::call`].
-    pub fn get_service(&mut self, now: Instant, id: &str) -> Result<CallId, EngineError> {
-        self.call_manager(now, "get_service", vec![id.into()], None)
+    /// functions are [`Method`] descriptors ready for [`Engine::call`]. `config` is the
+    /// manager's `GetServiceConfig` (`mode`, `timeout`, `case_conversion`, ...); it is sent as
+    /// the `config` keyword, as Python does, empty when `None`.
+    pub fn get_service(
+        &mut self,
+        now: Instant,
+        id: &str,
+        config: Option<Map>,
+    ) -> Result<CallId, EngineError> {
+        let mut kwargs = Map::with_capacity(1);
+        kwargs.push("config", config.unwrap_or_default());
+        self.call_manager(now, "get_service", vec![id.into()], Some(kwargs))
     }
 
     /// Registers a service: the engine keeps it (and registers it again after every
@@ -1282,8 +1291,11 @@ impl Engine {
         if let Some((fid, name)) = parse_local_function(v) {
             let key =
                 if name.is_empty() { self.rng.short_id() } else { format!("{}#{name}", self.rng.short_id()) };
+            // Bare `_rtarget`, as Python writes it in call arguments: the receiver qualifies it
+            // with the workspace of the frame it arrived in, which is ours.
+            let bare = split_client(me).1;
             *v = Method {
-                target: me.into(),
+                target: bare.into(),
                 method: format!("{session}.{key}"),
                 promise: Some(PromiseMode::Compact),
                 server: Some(server.into()),

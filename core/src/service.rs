@@ -206,23 +206,27 @@ impl ServiceSpec {
         walk(&self.members)
     }
 
+    /// `config` as sent: the user's own `config` entries keep their place (so a layout like
+    /// Python's built-in `{require_context, visibility, api_version}` is kept), then
+    /// `visibility`, `require_context` and `authorized_workspaces` are set, then `workspace`.
     fn config_map(&self, workspace: Option<&str>) -> Map {
-        let mut c = Map::new();
+        let mut c = self.config.clone();
+        c.insert("visibility", self.visibility.as_str());
         match &self.require_context {
             RequireContext::None => {}
-            RequireContext::All => c.push("require_context", true),
-            RequireContext::Functions(list) => c.push(
-                "require_context",
-                Value::Array(list.iter().map(|s| Value::from(s.as_str())).collect()),
-            ),
+            RequireContext::All => {
+                c.insert("require_context", true);
+            }
+            RequireContext::Functions(list) => {
+                c.insert(
+                    "require_context",
+                    Value::Array(list.iter().map(|s| Value::from(s.as_str())).collect()),
+                );
+            }
         }
-        c.push("visibility", self.visibility.as_str());
         if !self.authorized_workspaces.is_empty() {
             let ws = self.authorized_workspaces.iter().map(|s| Value::from(s.as_str())).collect();
-            c.push("authorized_workspaces", Value::Array(ws));
-        }
-        for (k, v) in &self.config {
-            c.insert(k.clone(), v.clone());
+            c.insert("authorized_workspaces", Value::Array(ws));
         }
         if let Some(ws) = workspace {
             c.insert("workspace", ws);
@@ -365,6 +369,8 @@ pub(crate) fn builtin(workspace: &str, client_id: &str) -> ServiceSpec {
     };
     let key_hb = p(&[("key", "string"), ("heartbeat", "boolean")], &["key"]);
     let mut config = Map::new();
+    config.push("require_context", true);
+    config.push("visibility", "public");
     config.push("api_version", 3);
     ServiceSpec {
         id: "built-in".into(),

@@ -1,4 +1,5 @@
 //! Shared helpers for the test suites: transcripts, the real server, allocation counting.
-pub mod transcripts;
+pub mod drive;
 pub mod payloads;
 pub mod server;
+pub mod transcripts;

@@ -1,0 +1,326 @@
+//! Transcript replay: the server→client frames of real Python sessions are fed to our engine,
+//! and every frame it answers with must equal the one the Python client sent, byte for byte,
+//! once random session ids are mapped.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use hypha_rpc_core::codec::decode_frame;
+use hypha_rpc_core::codec::rtype::{Method, RTypeCodec, RemoteError};
+use hypha_rpc_core::engine::local_function;
+use hypha_rpc_core::time::{Duration, Instant};
+use hypha_rpc_core::{
+    CallError, CallOptions, Event, FnId, FunctionSpec, Invocation, InvokeTarget, Limits, Map, RequireContext,
+    ServiceSpec, Value, Visibility,
+};
+use hypha_rpc_tests::drive::{self, assert_same_up_to_ids, drain, substitute_frame};
+use hypha_rpc_tests::transcripts::{self, CapturedFrame};
+
+const WS: &str = "ws-user-anonymouz-hyper-titanium-83345890";
+const MANAGER: &str = "manager-delicate-dirigible-06049537";
+
+struct Recording(Vec<CapturedFrame>);
+
+impl Recording {
+    fn load() -> Self {
+        Recording(transcripts::load_all())
+    }
+    fn bytes(&self, scenario: &str, seq: u64) -> Bytes {
+        let f = self.0.iter().find(|f| f.scenario == scenario && f.seq == seq).expect("frame");
+        assert!(!f.truncated);
+        Bytes::from(f.bytes.clone())
+    }
+}
+
+fn interop_service() -> ServiceSpec {
+    ServiceSpec::new("interop")
+        .name("Interop test service")
+        .description("hypha-rpc interop acceptance service")
+        .visibility(Visibility::Public)
+        .require_context(RequireContext::Functions(vec!["whoami".into()]))
+        .function("echo", FunctionSpec::new("echo").doc("Return the argument unchanged."))
+        .function("add", FunctionSpec::new("add").doc("Add two values."))
+        .function(
+            "kwfunc",
+            FunctionSpec::new("kwfunc").doc("Return the received positional/keyword arguments."),
+        )
+        .function(
+            "raise_error",
+            FunctionSpec::new("raise_error").doc("Raise an exception with a specific message."),
+        )
+        .function("call_callback", FunctionSpec::new("call_callback"))
+        .function("whoami", FunctionSpec::new("whoami"))
+        .function("sleep", FunctionSpec::new("sleep"))
+}
+
+fn invocation(events: &[Event]) -> Invocation {
+    match events {
+        [Event::Invoke(i)] => i.clone(),
+        other => panic!("expected one invocation, got {other:?}"),
+    }
+}
+
+fn method_at(v: &Value) -> Method {
+    Method::from_value(v).expect("a method").expect("valid")
+}
+
+/// The callee side (py-peer): our replies, heartbeats and callback calls must equal Python's.
+#[test]
+fn callee_frames_match_python() {
+    let rec = Recording::load();
+    let mut e = drive::engine("py-peer", 1);
+    let t0 = Instant::from_micros(1_000_000);
+    drive::connect(&mut e, t0, "py-peer", WS, MANAGER);
+    e.register_service(t0, interop_service()).unwrap();
+    let d = drain(&mut e);
+    assert_eq!(d.frames.len(), 1);
+    // Registration: everything but the generated schemas equals Python's.
+    let ours = d.frames[0].extra.as_ref().unwrap().get("args").unwrap().as_array().unwrap()[0].clone();
+    let theirs = decode_frame(&rec.bytes("register_service", 2), &Limits::default()).unwrap();
+    let theirs = theirs.extra.unwrap().get("args").unwrap().as_array().unwrap()[0].clone();
+    let strip = |v: &Value| {
+        let mut m = v.as_map().unwrap().clone();
+        m.remove("service_schema");
+        m
+    };
+    assert_eq!(strip(&ours), strip(&theirs), "service registration info");
+
+    let mut checked = 0;
+    // add(2, 3) -> 5 and kwfunc(1, c=3) -> {a, b, c}: byte-exact replies.
+    for (call, reply, value) in
+        [(1, 2, Value::from(5)), (5, 6, Value::Map([("a", 1), ("b", 2), ("c", 3)].into_iter().collect()))]
+    {
+        e.handle_binary(t0, &rec.bytes("call_args_kwargs", call)).unwrap();
+        let inv = invocation(&drain(&mut e).events);
+        if call == 5 {
+            assert_eq!(inv.args, vec![Value::from(1)]);
+            assert_eq!(inv.kwargs.as_ref().and_then(|k| k.get("c")), Some(&Value::from(3)));
+        }
+        e.reply(t0, inv.id, Ok(value)).unwrap();
+        let d = drain(&mut e);
+        assert_eq!(d.bytes, vec![rec.bytes("call_args_kwargs", reply)], "call_args_kwargs #{reply}");
+        checked += 1;
+    }
+
+    // raise_error("boom") -> reject with the error value.
+    e.handle_binary(t0, &rec.bytes("error", 1)).unwrap();
+    let inv = invocation(&drain(&mut e).events);
+    let recorded = decode_frame(&rec.bytes("error", 2), &Limits::default()).unwrap();
+    let err = RemoteError::from_value(&recorded.extra.unwrap().get("args").unwrap().as_array().unwrap()[0])
+        .unwrap()
+        .unwrap();
+    e.reply(t0, inv.id, Err(err)).unwrap();
+    assert_eq!(drain(&mut e).bytes, vec![rec.bytes("error", 2)], "error #2");
+    checked += 1;
+
+    // whoami(): the context comes from the server-written header only.
+    e.handle_binary(t0, &rec.bytes("require_context", 1)).unwrap();
+    let inv = invocation(&drain(&mut e).events);
+    let ctx = inv.context.expect("whoami requires context");
+    let recorded = decode_frame(&rec.bytes("require_context", 2), &Limits::default()).unwrap();
+    let answer = recorded.extra.as_ref().unwrap().get("args").unwrap().as_array().unwrap()[0].clone();
+    let answer = answer.as_map().unwrap();
+    assert_eq!(answer.get("ws").and_then(Value::as_str), Some(ctx.ws.as_str()));
+    assert_eq!(answer.get("from").and_then(Value::as_str), Some(ctx.from.as_str()));
+    assert_eq!(
+        answer.get("user_id").and_then(Value::as_str),
+        ctx.user.as_map().and_then(|u| u.get("id")).and_then(Value::as_str)
+    );
+    e.reply(t0, inv.id, Ok(Value::Map(answer.clone()))).unwrap();
+    assert_eq!(drain(&mut e).bytes, vec![rec.bytes("require_context", 2)], "require_context #2");
+    checked += 1;
+
+    // sleep(1.3) with t = 0.5: heartbeats at once, +0.5 s, +1.0 s, then the resolve.
+    e.handle_binary(t0, &rec.bytes("heartbeat", 1)).unwrap();
+    let inv = invocation(&drain(&mut e).events);
+    for (dt, seq) in [(0, 2), (500, 4), (1000, 6)] {
+        let now = t0 + Duration::from_millis(dt);
+        assert_eq!(e.poll_timeout(), Some(now), "next heartbeat due");
+        e.handle_timeout(now);
+        assert_eq!(drain(&mut e).bytes, vec![rec.bytes("heartbeat", seq)], "heartbeat #{seq}");
+        checked += 1;
+    }
+    e.reply(t0 + Duration::from_millis(1300), inv.id, Ok(Value::F64(1.3))).unwrap();
+    assert_eq!(drain(&mut e).bytes, vec![rec.bytes("heartbeat", 8)], "heartbeat #8");
+    checked += 1;
+
+    // call_callback(cb, 2): heartbeat, then two calls of the caller's callback, then the result.
+    let mut ids = BTreeMap::new();
+    e.handle_binary(t0, &rec.bytes("callback", 1)).unwrap();
+    let inv = invocation(&drain(&mut e).events);
+    e.handle_timeout(t0);
+    assert_eq!(drain(&mut e).bytes, vec![rec.bytes("callback", 2)], "callback #2 heartbeat");
+    let cb = method_at(&inv.args[0]);
+    assert_eq!(cb.target, format!("{WS}/py-caller"), "bare _rtarget qualified with the sender's workspace");
+    let mut results = Vec::new();
+    for (i, (sent, answer)) in [(3, 7), (8, 11)].into_iter().enumerate() {
+        let opts = CallOptions { parent: inv.session.clone(), ..CallOptions::default() };
+        let call = e.call(t0, &cb, vec![Value::from(i as u64)], None, opts).unwrap();
+        let d = drain(&mut e);
+        assert_same_up_to_ids(&d.bytes[0], &rec.bytes("callback", sent), &mut ids, "callback call");
+        e.handle_binary(t0, &substitute_frame(&rec.bytes("callback", answer), &ids)).unwrap();
+        match &drain(&mut e).events[..] {
+            [Event::CallSettled { id, result: Ok(v) }] if *id == call => results.push(v.clone()),
+            other => panic!("{other:?}"),
+        }
+        checked += 1;
+    }
+    e.reply(t0, inv.id, Ok(Value::Array(results))).unwrap();
+    assert_eq!(drain(&mut e).bytes, vec![rec.bytes("callback", 12)], "callback #12");
+    checked += 1;
+
+    // The manager fetches our service for a caller: built-in.get_service("interop").
+    e.handle_binary(t0, &rec.bytes("get_service", 2)).unwrap();
+    let d = drain(&mut e);
+    assert!(d.events.is_empty(), "built-in is answered by the engine itself");
+    let ours = &d.frames[0];
+    let theirs = decode_frame(&rec.bytes("get_service", 3), &Limits::default()).unwrap();
+    assert_eq!(ours.main, theirs.main, "get_service reply header");
+    let served = ours.extra.as_ref().unwrap().get("args").unwrap().as_array().unwrap()[0].clone();
+    let recorded = theirs.extra.as_ref().unwrap().get("args").unwrap().as_array().unwrap()[0].clone();
+    for key in ["id", "name", "description", "config"] {
+        assert_eq!(served.as_map().unwrap().get(key), recorded.as_map().unwrap().get(key), "served {key}");
+    }
+    for f in ["echo", "add", "kwfunc", "raise_error"] {
+        let mut ours = method_at(served.as_map().unwrap().get(f).unwrap());
+        let theirs = method_at(recorded.as_map().unwrap().get(f).unwrap());
+        ours.is_async = theirs.is_async; // Python's `_rasync` says whether its function is a coroutine
+        assert_eq!(ours, theirs, "served descriptor of {f}");
+    }
+    checked += 1;
+    assert_eq!(e.active_invocations(), 0);
+    println!("replay: {checked} callee frames equal to Python's");
+}
+
+/// The caller side (py-caller): our calls must equal Python's, and their replies settle them.
+#[test]
+fn caller_frames_match_python() {
+    let rec = Recording::load();
+    let mut e = drive::engine("py-caller", 2);
+    let t0 = Instant::from_micros(5_000_000);
+    drive::connect(&mut e, t0, "py-caller", WS, MANAGER);
+    let mut ids = BTreeMap::new();
+
+    // get_service through the manager.
+    let call = e.get_service(t0, &format!("{WS}/py-peer:interop"), None).unwrap();
+    let d = drain(&mut e);
+    assert_same_up_to_ids(&d.bytes[0], &rec.bytes("get_service", 0), &mut ids, "get_service #0");
+    e.handle_binary(t0, &substitute_frame(&rec.bytes("get_service", 1), &ids)).unwrap(); // manager heartbeat
+    e.handle_binary(t0, &substitute_frame(&rec.bytes("get_service", 4), &ids)).unwrap();
+    let svc = match &drain(&mut e).events[..] {
+        [Event::CallSettled { id, result: Ok(v) }] if *id == call => v.as_map().unwrap().clone(),
+        other => panic!("{other:?}"),
+    };
+    let m = |name: &str| method_at(svc.get(name).unwrap());
+
+    let mut checked = 1;
+    let mut expect = |e: &mut hypha_rpc_core::Engine, call, sent: (&str, u64), answer: (&str, u64)| {
+        let d = drain(e);
+        assert_same_up_to_ids(&d.bytes[0], &rec.bytes(sent.0, sent.1), &mut ids, &format!("{sent:?}"));
+        e.handle_binary(t0, &substitute_frame(&rec.bytes(answer.0, answer.1), &ids)).unwrap();
+        checked += 1;
+        match drain(e).events.as_slice() {
+            [Event::CallSettled { id, result }] if *id == call => result.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let c = e.call(t0, &m("add"), vec![2.into(), 3.into()], None, CallOptions::default()).unwrap();
+    assert_eq!(expect(&mut e, c, ("call_args_kwargs", 0), ("call_args_kwargs", 3)), Ok(Value::from(5)));
+    let kw: Map = [("c", 3)].into_iter().collect();
+    let c = e.call(t0, &m("kwfunc"), vec![1.into()], Some(kw), CallOptions::default()).unwrap();
+    let r = expect(&mut e, c, ("call_args_kwargs", 4), ("call_args_kwargs", 7)).unwrap();
+    assert_eq!(r.as_map().unwrap().get("c"), Some(&Value::from(3)));
+    let c = e.call(t0, &m("raise_error"), vec!["boom".into()], None, CallOptions::default()).unwrap();
+    match expect(&mut e, c, ("error", 0), ("error", 3)) {
+        Err(CallError::Remote { message, trace }) => {
+            assert_eq!(message, "interop-error: boom");
+            assert!(trace.unwrap().starts_with("Traceback"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let c = e.call(t0, &m("whoami"), vec![], None, CallOptions::default()).unwrap();
+    let r = expect(&mut e, c, ("require_context", 0), ("require_context", 3)).unwrap();
+    assert!(r.as_map().unwrap().contains_key("user_id"));
+
+    // A callback passed as an argument: the callee calls it twice before answering.
+    let c = e
+        .call(
+            t0,
+            &m("call_callback"),
+            vec![local_function(FnId(9), "<lambda>"), 2.into()],
+            None,
+            CallOptions::default(),
+        )
+        .unwrap();
+    let d = drain(&mut e);
+    assert_same_up_to_ids(&d.bytes[0], &rec.bytes("callback", 0), &mut ids, "callback #0");
+    e.handle_binary(t0, &substitute_frame(&rec.bytes("callback", 4), &ids)).unwrap(); // heartbeat
+    for (call_in, reply, value) in [(5, 6, 0u64), (9, 10, 10)] {
+        e.handle_binary(t0, &substitute_frame(&rec.bytes("callback", call_in), &ids)).unwrap();
+        let inv = invocation(&drain(&mut e).events);
+        assert_eq!(inv.target, InvokeTarget::Callback { function: FnId(9), call: c });
+        e.reply(t0, inv.id, Ok(Value::from(value))).unwrap();
+        let d = drain(&mut e);
+        assert_same_up_to_ids(&d.bytes[0], &rec.bytes("callback", reply), &mut ids, "callback reply");
+        checked += 2;
+    }
+    e.handle_binary(t0, &substitute_frame(&rec.bytes("callback", 13), &ids)).unwrap();
+    match drain(&mut e).events.as_slice() {
+        [Event::CallSettled { id, result: Ok(v) }] if *id == c => {
+            assert_eq!(v, &Value::Array(vec![0.into(), 10.into()]))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Every call settled and its session was freed (the engine's own subscribe call aside).
+    assert_eq!(e.pending_calls(), 1);
+    println!("replay: {checked} caller frames equal to Python's");
+}
+
+/// A caller with `method_timeout = 1 s` sends `t: 0.5`, as Python's does.
+#[test]
+fn heartbeat_caller_frame_matches_python() {
+    let rec = Recording::load();
+    let mut config = hypha_rpc_core::EngineConfig::new("py-caller-hb");
+    config.method_timeout = Duration::from_secs(1);
+    let mut e = hypha_rpc_core::Engine::new(config, Instant::ZERO);
+    drive::connect(&mut e, Instant::ZERO, "py-caller-hb", WS, MANAGER);
+    let sleep = Method {
+        target: format!("{WS}/py-peer"),
+        method: "services.interop.sleep".into(),
+        promise: Some(hypha_rpc_core::codec::rtype::PromiseMode::Compact),
+        ..Method::default()
+    };
+    e.call(Instant::ZERO, &sleep, vec![Value::F64(1.3)], None, CallOptions::default()).unwrap();
+    let d = drain(&mut e);
+    let mut ids = BTreeMap::new();
+    assert_same_up_to_ids(&d.bytes[0], &rec.bytes("heartbeat", 0), &mut ids, "heartbeat #0");
+}
+
+/// The first text frame and the `built-in` registration equal Python's (service schemas aside).
+#[test]
+fn handshake_and_builtin_registration_match_python() {
+    let rec = Recording::load();
+    let mut e = drive::engine("py-peer", 3);
+    e.handle_transport_open(Instant::ZERO).unwrap();
+    let d = drain(&mut e);
+    assert_eq!(d.texts[0].as_bytes(), &rec.bytes("connect_handshake", 0)[..], "handshake text");
+    let info = rec.0.iter().find(|f| f.scenario == "connect_handshake" && f.seq == 1).unwrap();
+    e.handle_text(Instant::ZERO, std::str::from_utf8(&info.bytes).unwrap()).unwrap();
+    let d = drain(&mut e);
+    let ours = d.frames[0].clone();
+    let theirs = decode_frame(&rec.bytes("connect_handshake", 4), &Limits::default()).unwrap();
+    let strip = |f: &hypha_rpc_core::codec::Frame| {
+        let mut extra = f.extra.clone().unwrap();
+        let mut info = extra.get("args").unwrap().as_array().unwrap()[0].as_map().unwrap().clone();
+        info.remove("service_schema");
+        extra.insert("args", Value::Array(vec![Value::Map(info)]));
+        extra.remove("promise");
+        extra.remove("t");
+        extra
+    };
+    assert_eq!(strip(&ours), strip(&theirs), "built-in registration info");
+    let mut main = ours.main.clone();
+    main.insert("session", theirs.main_str("session").unwrap());
+    assert_eq!(main, theirs.main, "built-in registration header");
+    assert_eq!(e.connection_info().unwrap().manager_id, MANAGER);
+}
