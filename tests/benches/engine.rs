@@ -1,0 +1,96 @@
+//! Round trips per second between two engines in memory (no server, no sockets): the cost of
+//! the protocol engine itself — encode, decode, dispatch, settle — on one core.
+
+use std::hint::black_box;
+use std::time::Instant as StdInstant;
+
+use criterion::{Criterion, criterion_group};
+use hypha_rpc_core::codec::rtype::{Method, PromiseMode};
+use hypha_rpc_core::time::Instant;
+use hypha_rpc_core::{CallOptions, Engine, Event, FunctionSpec, ServiceSpec, Transmit, Value, Visibility};
+use hypha_rpc_tests::drive;
+
+const WS: &str = "ws-bench";
+
+struct Pair {
+    caller: Engine,
+    callee: Engine,
+    echo: Method,
+}
+
+fn pair() -> Pair {
+    let mut caller = drive::engine("caller", 1);
+    let mut callee = drive::engine("callee", 2);
+    drive::connect(&mut caller, Instant::ZERO, "caller", WS, "manager-bench");
+    drive::connect(&mut callee, Instant::ZERO, "callee", WS, "manager-bench");
+    let svc =
+        ServiceSpec::new("bench").visibility(Visibility::Public).function("echo", FunctionSpec::new("echo"));
+    callee.register_service(Instant::ZERO, svc).unwrap();
+    drive::drain(&mut callee);
+    let echo = Method {
+        target: format!("{WS}/callee"),
+        method: "services.bench.echo".into(),
+        promise: Some(PromiseMode::Compact),
+        ..Method::default()
+    };
+    Pair { caller, callee, echo }
+}
+
+/// One call `echo(arg)` from caller to callee and back; frames move directly between the
+/// two engines (the `from` each writes is already what the server would set).
+fn round_trip(p: &mut Pair, arg: &Value) -> Value {
+    let now = Instant::ZERO;
+    let id = p.caller.call(now, &p.echo, vec![arg.clone()], None, CallOptions::default()).unwrap();
+    while let Some(Transmit::Binary(b)) = p.caller.poll_transmit() {
+        p.callee.handle_binary(now, &b).unwrap();
+    }
+    while let Some(e) = p.callee.poll_event() {
+        if let Event::Invoke(inv) = e {
+            let v = inv.args.into_iter().next().unwrap_or_default();
+            p.callee.reply(now, inv.id, Ok(v)).unwrap();
+        }
+    }
+    while let Some(Transmit::Binary(b)) = p.callee.poll_transmit() {
+        p.caller.handle_binary(now, &b).unwrap();
+    }
+    match p.caller.poll_event() {
+        Some(Event::CallSettled { id: got, result: Ok(v) }) if got == id => v,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut p = pair();
+    let small = Value::from("hello");
+    let mut g = c.benchmark_group("engine_pair");
+    g.sample_size(20);
+    g.bench_function("echo_small_round_trip", |b| b.iter(|| black_box(round_trip(&mut p, &small))));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    // A direct figure: round trips per second on this core, median of 5 one-second batches.
+    let mut p = pair();
+    let arg = Value::from("hello");
+    let mut rates = Vec::new();
+    let quick = std::env::args().any(|a| a == "--test") || std::env::var_os("CARGO_BENCH_QUICK").is_some();
+    for _ in 0..if quick { 1 } else { 5 } {
+        let start = StdInstant::now();
+        let mut n = 0u64;
+        while start.elapsed().as_secs_f64() < if quick { 0.05 } else { 1.0 } {
+            for _ in 0..100 {
+                black_box(round_trip(&mut p, &arg));
+            }
+            n += 100;
+        }
+        rates.push(n as f64 / start.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    println!("engine pair: {median:.0} round trips/s on one core (target >= 500000)");
+    assert_eq!(p.caller.pending_calls(), 1, "only the engine's own subscribe call stays pending");
+    assert_eq!(p.callee.active_invocations(), 0);
+}
