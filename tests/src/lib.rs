@@ -1,5 +1,6 @@
 //! Shared helpers for the test suites: transcripts, the real server, allocation counting.
 pub mod drive;
+pub mod hub;
 pub mod payloads;
 pub mod server;
 pub mod transcripts;
