@@ -158,7 +158,7 @@ pub(crate) fn json_to_value(v: &serde_json::Value) -> Value {
             (_, Some(i), _) => Value::from(i),
             (_, _, f) => Value::F64(f.unwrap_or(f64::NAN)),
         },
-        serde_json::Value::String(s) => Value::Str(s.clone()),
+        serde_json::Value::String(s) => Value::from(s.as_str()),
         serde_json::Value::Array(a) => Value::Array(a.iter().map(json_to_value).collect::<Vec<_>>()),
         serde_json::Value::Object(o) => {
             Value::Map(o.iter().map(|(k, v)| (k.as_str(), json_to_value(v))).collect::<Map>())

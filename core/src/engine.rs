@@ -25,6 +25,7 @@
 //! assert!(next_wakeup.is_some());          // the handshake has a deadline
 //! ```
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -159,15 +160,59 @@ struct Pending {
     callbacks: Vec<(String, FnId)>,
 }
 
+/// Where the replies of an incoming call go (PROTOCOL.md §5.2).
+#[derive(Debug, Default)]
+enum Route {
+    /// Fire and forget: no reply.
+    #[default]
+    None,
+    /// `promise: "*"`: `<session>.resolve|reject|heartbeat` at the caller, built when used.
+    Compact,
+    /// A full promise object: the resolve, reject and heartbeat slots as sent (targets
+    /// qualified).
+    Full(Box<[Option<Method>; 3]>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Resolve,
+    Reject,
+    Heartbeat,
+}
+
 #[derive(Debug)]
 struct Active {
     caller: String,
     session: Option<String>,
-    resolve: Option<Method>,
-    reject: Option<Method>,
-    heartbeat: Option<(Method, Duration)>,
+    route: Route,
+    /// Heartbeat interval, when the caller asked for heartbeats.
+    interval: Option<Duration>,
     beat_at: Option<Instant>,
     cancelled: bool,
+}
+
+/// The (target, method) of a reply slot, or `None` when the caller did not ask for it.
+fn slot_address(route: &Route, caller: &str, session: Option<&str>, slot: Slot) -> Option<(String, String)> {
+    match route {
+        Route::None => None,
+        Route::Compact => {
+            let name = match slot {
+                Slot::Resolve => "resolve",
+                Slot::Reject => "reject",
+                Slot::Heartbeat => "heartbeat",
+            };
+            Some((caller.to_string(), format!("{}.{name}", session?)))
+        }
+        Route::Full(slots) => {
+            let [resolve, reject, heartbeat] = &**slots;
+            let m = match slot {
+                Slot::Resolve => resolve,
+                Slot::Reject => reject,
+                Slot::Heartbeat => heartbeat,
+            };
+            m.as_ref().map(|m| (m.target.clone(), m.method.clone()))
+        }
+    }
 }
 
 /// The Hypha RPC protocol engine for one client. See the [module docs](self) for the drive loop.
@@ -192,6 +237,7 @@ pub struct Engine {
     next_ping: Option<Instant>,
     next_refresh: Option<Instant>,
     ever_ready: bool,
+    me: String,
 }
 
 fn split_client(id: &str) -> (&str, &str) {
@@ -222,6 +268,7 @@ impl Engine {
             next_ping: None,
             next_refresh: None,
             ever_ready: false,
+            me: String::new(),
         }
     }
 
@@ -460,12 +507,15 @@ impl Engine {
             }
             self.beats.pop_first();
             let Some(a) = self.active.get_mut(&id) else { continue };
-            let Some((slot, interval)) = a.heartbeat.clone() else { continue };
+            let Some(interval) = a.interval else { continue };
             let next = now + interval;
             a.beat_at = Some(next);
             self.beats.insert((next, id));
-            let session = a.session.clone();
-            let frame = self.fire_frame(&slot, session.as_deref(), None);
+            let Some(addr) = slot_address(&a.route, &a.caller, a.session.as_deref(), Slot::Heartbeat) else {
+                continue;
+            };
+            let parent = a.session.clone();
+            let frame = self.fire_frame(&addr, parent.as_deref(), None);
             self.transmits.push_back(Transmit::Binary(encode_frame(&frame)));
         }
         if self.next_ping.is_some_and(|t| t <= now) {
@@ -523,7 +573,7 @@ impl Engine {
         config: Option<Map>,
     ) -> Result<CallId, EngineError> {
         let mut kwargs = Map::with_capacity(1);
-        kwargs.push("config", config.unwrap_or_default());
+        kwargs.push(Value::from_static("config"), config.unwrap_or_default());
         self.call_manager(now, "get_service", vec![id.into()], Some(kwargs))
     }
 
@@ -601,11 +651,11 @@ impl Engine {
             return Ok(());
         }
         let (slot, value) = match payload {
-            Ok(v) => (a.resolve, v),
-            Err(e) => (a.reject, e),
+            Ok(v) => (Slot::Resolve, v),
+            Err(e) => (Slot::Reject, e),
         };
-        if let Some(slot) = slot {
-            let frame = self.fire_frame(&slot, a.session.as_deref(), Some(value));
+        if let Some(addr) = slot_address(&a.route, &a.caller, a.session.as_deref(), slot) {
+            let frame = self.fire_frame(&addr, a.session.as_deref(), Some(value));
             self.send(encode_frame(&frame))?;
         }
         Ok(())
@@ -677,11 +727,12 @@ impl Engine {
         if let Some(t) = &info.reconnection_token {
             self.reconnection_token = Some(t.clone());
         }
+        self.me = format!("{}/{}", info.workspace, self.config.client_id);
         self.info = Some(info);
         self.state = State::Registering;
         self.next_ping = Some(now + self.config.ping_interval);
         self.next_refresh = Some(now + self.refresh_interval());
-        let builtin = self.builtin_spec().registration(&self.workspace(), &self.config.client_id);
+        let builtin = self.builtin_spec().registration(self.workspace(), &self.config.client_id);
         if let Ok(target) = self.manager_method("register_service") {
             let _ = self.call_inner(
                 now,
@@ -757,21 +808,22 @@ impl Engine {
         self.info.as_ref().map(ConnectionInfo::manager_address)
     }
 
-    fn workspace(&self) -> String {
-        self.info.as_ref().map(|i| i.workspace.clone()).unwrap_or_default()
+    fn workspace(&self) -> &str {
+        self.info.as_ref().map_or("", |i| i.workspace.as_str())
     }
 
-    fn me(&self) -> String {
-        format!("{}/{}", self.workspace(), self.config.client_id)
+    /// `ws/client`, fixed at each handshake.
+    fn me(&self) -> &str {
+        &self.me
     }
 
     fn builtin_spec(&self) -> ServiceSpec {
-        service::builtin(&self.workspace(), &self.config.client_id)
+        service::builtin(self.workspace(), &self.config.client_id)
     }
 
     fn register_info(&self, id: &str) -> Value {
         match self.services.iter().find(|s| s.id == id) {
-            Some(s) => s.registration(&self.workspace(), &self.config.client_id),
+            Some(s) => s.registration(self.workspace(), &self.config.client_id),
             None => Value::Nil,
         }
     }
@@ -788,7 +840,7 @@ impl Engine {
 
     // ---- internals: incoming calls -------------------------------------------------------------
 
-    fn handle_method(&mut self, now: Instant, frame: Frame) -> Result<(), InputError> {
+    fn handle_method(&mut self, now: Instant, mut frame: Frame) -> Result<(), InputError> {
         // Envelope keys come from `main` only (the server wrote `from`, `ws`, `user`); the
         // payload keys from `extra` only. A forged `from` inside `extra` is never read.
         let main_str = |k: &str| frame.main.get(k).and_then(Value::as_str).map(String::from);
@@ -807,11 +859,11 @@ impl Engine {
                 return Err(InputError::Protocol(format!("workspace mismatch: frame for {to}")));
             }
         }
-        let empty = Map::new();
-        let extra = frame.extra.as_ref().unwrap_or(&empty);
+        let mut extra_map = frame.extra.take().unwrap_or_default();
+        let extra = &extra_map;
 
         // Where replies go (PROTOCOL.md §5.2).
-        let (resolve, reject, heartbeat) = self.promise_slots(extra, &from, session.as_deref())?;
+        let (route, interval) = self.promise_route(extra, &from, session.as_deref())?;
 
         // Resolve the method path.
         let target = if let Some(rest) = method.strip_prefix("services.") {
@@ -868,7 +920,7 @@ impl Engine {
                 // The built-in service, answered here.
                 let path = method.strip_prefix("services.built-in.").unwrap_or_default().to_string();
                 let result = self.builtin_call(&path, extra, &frame);
-                return self.answer_now(resolve, reject, session.as_deref(), result);
+                return self.answer_now(&route, &from, session.as_deref(), result);
             }
             Err(message) => {
                 let err = RemoteError {
@@ -876,7 +928,7 @@ impl Engine {
                     trace: Some(format!("Exception: {message}\n")),
                     other: Map::new(),
                 };
-                self.answer_now(resolve, reject, session.as_deref(), Err(err))?;
+                self.answer_now(&route, &from, session.as_deref(), Err(err))?;
                 return Err(InputError::Protocol(message));
             }
         };
@@ -885,10 +937,14 @@ impl Engine {
             let message =
                 format!("Too many concurrent calls (limit {})", self.config.limits.max_active_invocations);
             let err = RemoteError { message, trace: None, other: Map::new() };
-            return self.answer_now(resolve, reject, session.as_deref(), Err(err));
+            return self.answer_now(&route, &from, session.as_deref(), Err(err));
         }
 
-        let mut args = extra.get("args").and_then(Value::as_array).map(<[Value]>::to_vec).unwrap_or_default();
+        let with_kwargs = extra.get("with_kwargs").and_then(Value::as_bool).unwrap_or(false);
+        let mut args = match extra_map.remove("args") {
+            Some(Value::Array(a)) => a,
+            _ => Vec::new(),
+        };
         for a in &mut args {
             if sanitize_incoming(a, &remote_ws).is_err() {
                 let err = RemoteError {
@@ -896,11 +952,10 @@ impl Engine {
                     trace: None,
                     other: Map::new(),
                 };
-                return self.answer_now(resolve, reject, session.as_deref(), Err(err));
+                return self.answer_now(&route, &from, session.as_deref(), Err(err));
             }
         }
         let mut kwargs = None;
-        let with_kwargs = extra.get("with_kwargs").and_then(Value::as_bool).unwrap_or(false);
         let trailing_rkwargs = args
             .last()
             .and_then(Value::as_map)
@@ -917,7 +972,7 @@ impl Engine {
                         trace: None,
                         other: Map::new(),
                     };
-                    return self.answer_now(resolve, reject, session.as_deref(), Err(err));
+                    return self.answer_now(&route, &from, session.as_deref(), Err(err));
                 }
             }
         }
@@ -930,7 +985,7 @@ impl Engine {
                     .is_some_and(|s| s.wants_context(function));
                 wants.then(|| Context {
                     from: from.clone(),
-                    to: self.me(),
+                    to: self.me().to_string(),
                     ws: frame.main.get("ws").and_then(Value::as_str).unwrap_or(&remote_ws).to_string(),
                     user: frame.main.get("user").cloned().unwrap_or_default(),
                     method: method.clone(),
@@ -943,8 +998,8 @@ impl Engine {
         };
         self.next_invoke += 1;
         let id = InvokeId(self.next_invoke);
-        let wants_reply = resolve.is_some() || reject.is_some();
-        let beat_at = heartbeat.as_ref().map(|_| now);
+        let wants_reply = !matches!(route, Route::None);
+        let beat_at = interval.map(|_| now);
         if let Some(t) = beat_at {
             // Due at once, sent only if the driver has not replied by its next timeout check:
             // a handler that answers synchronously costs no heartbeat.
@@ -955,9 +1010,8 @@ impl Engine {
             Active {
                 caller: from.clone(),
                 session: session.clone(),
-                resolve,
-                reject,
-                heartbeat,
+                route,
+                interval,
                 beat_at,
                 cancelled: false,
             },
@@ -1034,7 +1088,7 @@ impl Engine {
                 let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
                 let me = self.me();
                 if local == "built-in" {
-                    return Ok(self.builtin_spec().served(&server, &me));
+                    return Ok(self.builtin_spec().served(&server, me));
                 }
                 let spec = self
                     .services
@@ -1047,7 +1101,7 @@ impl Engine {
                 {
                     return Err(err(format!("Permission denied for getting protected service: {id}")));
                 }
-                Ok(spec.served(&server, &me))
+                Ok(spec.served(&server, me))
             }
             _ => Err(err(format!(
                 "{path} is not supported by this client yet (large messages arrive in a later version)"
@@ -1058,31 +1112,31 @@ impl Engine {
     /// Answers a call the engine handles itself (or refuses) straight away.
     fn answer_now(
         &mut self,
-        resolve: Option<Method>,
-        reject: Option<Method>,
+        route: &Route,
+        caller: &str,
         session: Option<&str>,
         result: Result<Value, RemoteError>,
     ) -> Result<(), InputError> {
         let (slot, value) = match result {
-            Ok(v) => (resolve, v),
-            Err(e) => (reject, e.to_value()),
+            Ok(v) => (Slot::Resolve, v),
+            Err(e) => (Slot::Reject, e.to_value()),
         };
-        if let Some(slot) = slot {
-            let frame = self.fire_frame(&slot, session, Some(value));
+        if let Some(addr) = slot_address(route, caller, session, slot) {
+            let frame = self.fire_frame(&addr, session, Some(value));
             // Queueing fails only when the backlog is full; the caller then times out.
             let _ = self.send(encode_frame(&frame));
         }
         Ok(())
     }
 
-    /// The reply slots of an incoming call: `promise: "*"` expanded, or the full object parsed.
-    #[allow(clippy::type_complexity)]
-    fn promise_slots(
+    /// Where replies to an incoming call go, and the heartbeat interval it asked for (clamped
+    /// to [`Limits::min_heartbeat_interval`]).
+    fn promise_route(
         &self,
         extra: &Map,
         from: &str,
         session: Option<&str>,
-    ) -> Result<(Option<Method>, Option<Method>, Option<(Method, Duration)>), InputError> {
+    ) -> Result<(Route, Option<Duration>), InputError> {
         let min = self.config.limits.min_heartbeat_interval;
         let interval = |v: Option<&Value>| {
             v.and_then(Value::as_f64)
@@ -1090,18 +1144,12 @@ impl Engine {
                 .map(|t| Duration::from_secs_f64(t.min(86_400.0)).max(min))
         };
         match extra.get("promise") {
-            None => Ok((None, None, None)),
-            Some(Value::Str(star)) if star == "*" => {
-                let Some(s) = session else {
+            None => Ok((Route::None, None)),
+            Some(Value::Str(star)) if *star == "*" => {
+                if session.is_none() {
                     return Err(InputError::Protocol("promise \"*\" without a session".into()));
-                };
-                let slot = |name: &str| Method {
-                    target: from.into(),
-                    method: format!("{s}.{name}"),
-                    ..Method::default()
-                };
-                let hb = interval(extra.get("t")).map(|i| (slot("heartbeat"), i));
-                Ok((Some(slot("resolve")), Some(slot("reject")), hb))
+                }
+                Ok((Route::Compact, interval(extra.get("t"))))
             }
             Some(Value::Map(p)) => {
                 let (ws, _) = split_client(from);
@@ -1119,11 +1167,9 @@ impl Engine {
                         }
                     }
                 };
-                let hb = match (slot("heartbeat")?, interval(p.get("interval"))) {
-                    (Some(h), Some(i)) => Some((h, i)),
-                    _ => None,
-                };
-                Ok((slot("resolve")?, slot("reject")?, hb))
+                let heartbeat = slot("heartbeat")?;
+                let every = if heartbeat.is_some() { interval(p.get("interval")) } else { None };
+                Ok((Route::Full(Box::new([slot("resolve")?, slot("reject")?, heartbeat])), every))
             }
             Some(other) => Err(InputError::Protocol(format!("promise is a {}", other.kind()))),
         }
@@ -1173,7 +1219,7 @@ impl Engine {
         let wants_reply = matches!(target.promise, Some(PromiseMode::Compact | PromiseMode::Full));
         let session = wants_reply.then(|| self.rng.short_id());
         let timeout = options.timeout.unwrap_or(self.config.method_timeout);
-        let me = self.me();
+        let me = self.me.clone();
         let to = if target.target.contains('/') {
             target.target.clone()
         } else {
@@ -1195,27 +1241,27 @@ impl Engine {
         }
 
         let mut main = Map::with_capacity(6);
-        main.push("type", "method");
-        main.push("from", me.as_str());
-        main.push("to", to.as_str());
-        main.push("method", target.method.as_str());
+        main.push(Value::from_static("type"), Value::from_static("method"));
+        main.push(Value::from_static("from"), me.as_str());
+        main.push(Value::from_static("to"), to.as_str());
+        main.push(Value::from_static("method"), target.method.as_str());
         if let Some(p) = &options.parent {
-            main.push("parent", p.as_str());
+            main.push(Value::from_static("parent"), p.as_str());
         }
         if let Some(s) = &session {
-            main.push("session", s.as_str());
+            main.push(Value::from_static("session"), s.as_str());
         }
         let mut extra = Map::with_capacity(4);
         if !args.is_empty() {
-            extra.push("args", Value::Array(args));
+            extra.push(Value::from_static("args"), Value::Array(args));
         }
         if with_kwargs {
-            extra.push("with_kwargs", true);
+            extra.push(Value::from_static("with_kwargs"), true);
         }
         match (target.promise, &session) {
             (Some(PromiseMode::Compact), Some(_)) => {
-                extra.push("promise", "*");
-                extra.push("t", timeout.as_secs_f64() / 2.0);
+                extra.push(Value::from_static("promise"), Value::from_static("*"));
+                extra.push(Value::from_static("t"), timeout.as_secs_f64() / 2.0);
             }
             (Some(PromiseMode::Full), Some(s)) => {
                 let bare = self.config.client_id.as_str();
@@ -1229,11 +1275,11 @@ impl Engine {
                     .to_value()
                 };
                 let mut promise = Map::with_capacity(4);
-                promise.push("heartbeat", slot("heartbeat"));
-                promise.push("interval", timeout.as_secs_f64() / 2.0);
-                promise.push("resolve", slot("resolve"));
-                promise.push("reject", slot("reject"));
-                extra.push("promise", promise);
+                promise.push(Value::from_static("heartbeat"), slot("heartbeat"));
+                promise.push(Value::from_static("interval"), timeout.as_secs_f64() / 2.0);
+                promise.push(Value::from_static("resolve"), slot("resolve"));
+                promise.push(Value::from_static("reject"), slot("reject"));
+                extra.push(Value::from_static("promise"), promise);
             }
             _ => {}
         }
@@ -1319,19 +1365,19 @@ impl Engine {
         }
     }
 
-    /// A fire-and-forget frame calling promise slot `slot` with `parent`.
-    fn fire_frame(&self, slot: &Method, parent: Option<&str>, value: Option<Value>) -> Frame {
+    /// A fire-and-forget frame calling a reply slot `(target, method)` with `parent`.
+    fn fire_frame(&self, slot: &(String, String), parent: Option<&str>, value: Option<Value>) -> Frame {
         let mut main = Map::with_capacity(5);
-        main.push("type", "method");
-        main.push("from", self.me());
-        main.push("to", slot.target.as_str());
-        main.push("method", slot.method.as_str());
+        main.push(Value::from_static("type"), Value::from_static("method"));
+        main.push(Value::from_static("from"), self.me());
+        main.push(Value::from_static("to"), slot.0.as_str());
+        main.push(Value::from_static("method"), slot.1.as_str());
         if let Some(p) = parent {
-            main.push("parent", p);
+            main.push(Value::from_static("parent"), p);
         }
         let extra = value.map(|v| {
             let mut e = Map::with_capacity(1);
-            e.push("args", Value::Array(vec![v]));
+            e.push(Value::from_static("args"), Value::Array(vec![v]));
             e
         });
         Frame { main, extra }
@@ -1407,7 +1453,7 @@ fn sanitize_incoming(v: &mut Value, ws: &str) -> Result<(), ()> {
             if callable {
                 if let Some(Value::Str(t)) = m.get_mut("_rtarget") {
                     if !t.contains('/') {
-                        *t = format!("{ws}/{t}");
+                        *t = format!("{ws}/{t}").into();
                     }
                 }
             }

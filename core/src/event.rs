@@ -85,19 +85,19 @@ impl Context {
     /// parent?, ws, user, connection_type}`.
     pub fn to_value(&self) -> Value {
         let mut m = Map::with_capacity(9);
-        m.push("type", "method");
-        m.push("from", self.from.as_str());
-        m.push("to", self.to.as_str());
-        m.push("method", self.method.as_str());
+        m.push(Value::from_static("type"), Value::from_static("method"));
+        m.push(Value::from_static("from"), self.from.as_str());
+        m.push(Value::from_static("to"), self.to.as_str());
+        m.push(Value::from_static("method"), self.method.as_str());
         if let Some(s) = &self.session {
-            m.push("session", s.as_str());
+            m.push(Value::from_static("session"), s.as_str());
         }
         if let Some(p) = &self.parent {
-            m.push("parent", p.as_str());
+            m.push(Value::from_static("parent"), p.as_str());
         }
-        m.push("ws", self.ws.as_str());
-        m.push("user", self.user.clone());
-        m.push("connection_type", self.connection_type);
+        m.push(Value::from_static("ws"), self.ws.as_str());
+        m.push(Value::from_static("user"), self.user.clone());
+        m.push(Value::from_static("connection_type"), self.connection_type);
         Value::Map(m)
     }
 }

@@ -28,7 +28,7 @@
 //! assert_eq!(back, frame);
 //! ```
 #![no_std]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: `value::Str::as_str`
 #![warn(missing_docs)]
 
 extern crate alloc;
@@ -54,4 +54,4 @@ pub use error::{CallError, ConnectError, EngineError, InputError};
 pub use event::{CallId, Context, Event, FnId, Invocation, InvokeId, InvokeTarget, Transmit};
 pub use limits::Limits;
 pub use service::{FunctionSpec, RequireContext, ServiceSpec, Visibility};
-pub use value::{Integer, Map, Value};
+pub use value::{Integer, Map, Str, Value};

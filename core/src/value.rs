@@ -2,13 +2,121 @@
 //!
 //! [`Value`] mirrors msgpack's data model exactly: integers keep their full signed/unsigned
 //! range, `f32` and `f64` stay distinct (so re-encoding reproduces the input), strings are
-//! valid UTF-8, binaries are cheap-to-clone [`Bytes`], and [`Map`] keeps insertion order and
-//! accepts keys of any type (Python rejects non-string keys; JS does not).
+//! valid UTF-8 sharing the frame's buffer ([`Str`]), binaries are cheap-to-clone [`Bytes`], and
+//! [`Map`] keeps insertion order and accepts keys of any type (Python rejects non-string keys;
+//! JS does not).
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use bytes::Bytes;
 use core::fmt;
+
+/// A UTF-8 string stored in [`Bytes`]: decoding a frame slices strings out of its buffer
+/// instead of allocating one `String` each, and constants cost nothing ([`Str::from_static`]).
+///
+/// A string decoded from a frame keeps that frame's buffer alive; copy it
+/// (`String::from(s.as_str())`) to keep a small piece of a large frame.
+///
+/// ```
+/// use hypha_rpc_core::value::Str;
+/// let s = Str::from_static("method");
+/// assert_eq!(s.as_str(), "method");
+/// assert_eq!(s, "method");
+/// assert_eq!(Str::from(String::from("x")).len(), 1);
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Str(Bytes);
+
+impl Str {
+    /// A string constant, without allocating.
+    pub const fn from_static(s: &'static str) -> Str {
+        Str(Bytes::from_static(s.as_bytes()))
+    }
+
+    /// Wraps `bytes` if they are valid UTF-8.
+    pub fn from_utf8(bytes: Bytes) -> Result<Str, core::str::Utf8Error> {
+        core::str::from_utf8(&bytes)?;
+        Ok(Str(bytes))
+    }
+
+    /// Wraps bytes the caller has just checked to be UTF-8 (the decoder validates the input
+    /// slice once, then shares it).
+    pub(crate) fn from_validated(bytes: Bytes) -> Str {
+        debug_assert!(core::str::from_utf8(&bytes).is_ok());
+        Str(bytes)
+    }
+
+    /// The string.
+    #[allow(unsafe_code)]
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor (`from_static`, `from_utf8`, `from_validated` — whose one
+        // caller validates first —, `From<&str>`, `From<String>`) takes bytes that are valid
+        // UTF-8, and `Bytes` are never mutated afterwards.
+        unsafe { core::str::from_utf8_unchecked(&self.0) }
+    }
+
+    /// The underlying bytes.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+impl core::ops::Deref for Str {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+impl AsRef<str> for Str {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+impl From<&str> for Str {
+    fn from(s: &str) -> Str {
+        Str(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+impl From<String> for Str {
+    fn from(s: String) -> Str {
+        Str(Bytes::from(s.into_bytes()))
+    }
+}
+impl From<&String> for Str {
+    fn from(s: &String) -> Str {
+        Str::from(s.as_str())
+    }
+}
+impl From<Str> for String {
+    fn from(s: Str) -> String {
+        String::from(s.as_str())
+    }
+}
+impl PartialEq<str> for Str {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+impl PartialEq<&str> for Str {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+impl PartialEq<String> for Str {
+    fn eq(&self, other: &String) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+impl fmt::Debug for Str {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+impl fmt::Display for Str {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A msgpack integer in the range `-2^63 ..= 2^64 - 1`.
 ///
@@ -112,7 +220,7 @@ pub enum Value {
     /// A float64 (every Python float).
     F64(f64),
     /// A UTF-8 string.
-    Str(String),
+    Str(Str),
     /// A byte string (Python `bytes`, JS `Uint8Array`).
     Bin(Bytes),
     /// An array (Python list or tuple).
@@ -165,9 +273,13 @@ impl Value {
     /// The string, if this is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
-            Value::Str(s) => Some(s),
+            Value::Str(s) => Some(s.as_str()),
             _ => None,
         }
+    }
+    /// A string constant, without allocating.
+    pub const fn from_static(s: &'static str) -> Value {
+        Value::Str(Str::from_static(s))
     }
     /// The bytes, if this is a binary.
     pub fn as_bin(&self) -> Option<&Bytes> {
@@ -258,6 +370,16 @@ impl From<&str> for Value {
 }
 impl From<String> for Value {
     fn from(v: String) -> Self {
+        Value::Str(v.into())
+    }
+}
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Value::Str(v.into())
+    }
+}
+impl From<Str> for Value {
+    fn from(v: Str) -> Self {
         Value::Str(v)
     }
 }
@@ -323,7 +445,7 @@ impl Map {
         self.0.is_empty()
     }
     fn position(&self, key: &str) -> Option<usize> {
-        self.0.iter().rposition(|(k, _)| k.as_str() == Some(key))
+        self.0.iter().rposition(|(k, _)| matches!(k, Value::Str(s) if *s == key))
     }
     /// The value under string key `key`.
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -444,7 +566,7 @@ mod rmpv_conv {
                 },
                 Value::F32(f) => rmpv::Value::F32(f),
                 Value::F64(f) => rmpv::Value::F64(f),
-                Value::Str(s) => rmpv::Value::String(s.into()),
+                Value::Str(s) => rmpv::Value::String(String::from(s).into()),
                 Value::Bin(b) => rmpv::Value::Binary(b.to_vec()),
                 Value::Array(a) => rmpv::Value::Array(a.into_iter().map(Into::into).collect()),
                 Value::Map(m) => rmpv::Value::Map(m.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
@@ -471,7 +593,7 @@ mod rmpv_conv {
                 },
                 rmpv::Value::F32(f) => Value::F32(f),
                 rmpv::Value::F64(f) => Value::F64(f),
-                rmpv::Value::String(s) => Value::Str(s.into_str().ok_or(InvalidUtf8)?),
+                rmpv::Value::String(s) => Value::from(s.into_str().ok_or(InvalidUtf8)?),
                 rmpv::Value::Binary(b) => Value::Bin(b.into()),
                 rmpv::Value::Array(a) => {
                     Value::Array(a.into_iter().map(Value::try_from).collect::<Result<_, _>>()?)

@@ -140,11 +140,11 @@ fn align(ours: &Value, recorded: &Value, map: &mut BTreeMap<String, String>) {
 pub fn substitute(v: &Value, map: &BTreeMap<String, String>) -> Value {
     match v {
         Value::Str(s) => {
-            let mut s = s.clone();
+            let mut s = s.to_string();
             for (from, to) in map {
                 s = s.replace(from.as_str(), to);
             }
-            Value::Str(s)
+            Value::from(s)
         }
         Value::Array(a) => Value::Array(a.iter().map(|x| substitute(x, map)).collect()),
         Value::Map(m) => {

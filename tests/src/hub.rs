@@ -297,7 +297,7 @@ impl UserInfo {
 
     /// `UserInfo.model_dump()`.
     fn to_value(&self) -> Value {
-        let opt = |s: &Option<String>| s.clone().map_or(Value::Nil, Value::Str);
+        let opt = |s: &Option<String>| s.clone().map_or(Value::Nil, Value::from);
         let workspaces: Map = self.workspaces.iter().map(|(w, p)| (w.as_str(), p.code())).collect();
         let extra_scopes = self.extra_scopes.as_ref().map_or(Value::Nil, |x| strings(x));
         let scope = obj([
@@ -1451,7 +1451,7 @@ impl Hub {
         };
         let visibility = match raw_cfg.get("visibility") {
             None => "protected".to_string(),
-            Some(Value::Str(v)) if ["public", "protected", "unlisted"].contains(&v.as_str()) => v.clone(),
+            Some(Value::Str(v)) if ["public", "protected", "unlisted"].contains(&v.as_str()) => v.to_string(),
             Some(_) => {
                 return Err(invalid(
                     "config.visibility: Input should be 'public', 'protected' or 'unlisted'",
@@ -1509,11 +1509,11 @@ impl Hub {
             }
         }
         let name = match svc.get("name") {
-            Some(Value::Str(n)) if !n.is_empty() => n.clone(),
+            Some(Value::Str(n)) if !n.is_empty() => n.to_string(),
             _ => service_name.clone(),
         };
         let app_id = match svc.get("app_id") {
-            Some(Value::Str(a)) if !a.is_empty() => a.clone(),
+            Some(Value::Str(a)) if !a.is_empty() => a.to_string(),
             _ => "*".to_string(),
         };
         if app_id.contains('/') {
@@ -1878,7 +1878,7 @@ impl Hub {
                         workspace = w.to_string();
                     }
                 } else {
-                    workspace = q.clone();
+                    workspace = q.to_string();
                 }
             }
             Value::Map(m) => {
@@ -2086,7 +2086,7 @@ impl Hub {
 
     fn subscribe(&mut self, caller: &Caller, event_type: &Value, add: bool) -> Result<Value, MgrError> {
         let events: Vec<String> = match event_type {
-            Value::Str(s) => vec![s.clone()],
+            Value::Str(s) => vec![s.to_string()],
             Value::Array(a) if a.iter().all(|v| v.as_str().is_some()) => {
                 a.iter().filter_map(Value::as_str).map(String::from).collect()
             }
@@ -2225,7 +2225,7 @@ fn qualify_descriptors(v: &mut Value, ws: &str) {
                 if callable && k.as_str() == Some("_rtarget") {
                     if let Value::Str(t) = x {
                         if !t.contains('/') {
-                            *t = format!("{ws}/{t}");
+                            *t = format!("{ws}/{t}").into();
                         }
                     }
                 } else {
@@ -2427,7 +2427,7 @@ fn to_json(v: &Value) -> Json {
         }
         Value::F64(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
         Value::F32(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(Json::Null, Json::Number),
-        Value::Str(s) => Json::String(s.clone()),
+        Value::Str(s) => Json::String(s.to_string()),
         Value::Bin(b) => Json::Array(b.iter().map(|x| Json::from(*x)).collect()),
         Value::Array(a) => Json::Array(a.iter().map(to_json).collect()),
         Value::Map(m) => Json::Object(

@@ -149,13 +149,13 @@ fn every_transcript_frame_decodes_and_matches() {
             if method.ends_with("message_cache.set") {
                 if let Some([Value::Str(key), idx, Value::Bin(data), ..]) = args {
                     chunks
-                        .entry((f.scenario.clone(), key.clone()))
+                        .entry((f.scenario.clone(), key.to_string()))
                         .or_default()
                         .insert(idx.as_u64().unwrap(), data.clone());
                 }
             }
             if let (true, Some([Value::Str(key), ..])) = (method.ends_with("message_cache.process"), args) {
-                if let Some(parts) = chunks.remove(&(f.scenario.clone(), key.clone())) {
+                if let Some(parts) = chunks.remove(&(f.scenario.clone(), key.to_string())) {
                     let whole: Vec<u8> = parts.values().flat_map(|b| b.iter().copied()).collect();
                     let want = &f.json["reassembled"];
                     match decode_frame(&Bytes::from(whole), &limits) {

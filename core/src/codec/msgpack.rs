@@ -3,12 +3,11 @@
 //! The decoder checks every declared length against the bytes actually left *before* it
 //! allocates, so a 6-byte header claiming a 4 GiB string costs nothing. It never panics.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 use bytes::Bytes;
 
 use super::DecodeError;
-use crate::{Integer, Limits, Map, Value};
+use crate::{Integer, Limits, Map, Str, Value};
 
 /// Decodes one msgpack object from the start of `input`; returns it and the bytes consumed.
 ///
@@ -100,10 +99,14 @@ impl<'a> Reader<'a> {
         self.check_len("str", len, self.limits.max_str_len, at)?;
         let start = self.pos;
         let s = self.take(len)?;
-        match core::str::from_utf8(s) {
-            Ok(s) => Ok(Value::Str(String::from(s))),
-            Err(_) => Err(DecodeError::InvalidUtf8 { offset: start }),
+        if core::str::from_utf8(s).is_err() {
+            return Err(DecodeError::InvalidUtf8 { offset: start });
         }
+        let bytes = match self.owner {
+            Some(owner) => owner.slice(start..start + len),
+            None => Bytes::copy_from_slice(s),
+        };
+        Ok(Value::Str(Str::from_validated(bytes)))
     }
 
     fn bin_bytes(&mut self, kind: &'static str, len: usize, at: usize) -> Result<Bytes, DecodeError> {

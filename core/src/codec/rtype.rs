@@ -114,7 +114,7 @@ impl<'a> Fields<'a> {
     fn opt_str(&self, field: &'static str) -> Result<Option<String>, RTypeError> {
         match self.map.get(field) {
             None => Ok(None),
-            Some(Value::Str(s)) => Ok(Some(s.clone())),
+            Some(Value::Str(s)) => Ok(Some(String::from(s.as_str()))),
             Some(v) => Err(self.wrong(field, "str", v)),
         }
     }
@@ -565,13 +565,13 @@ impl RTypeCodec for RemoteError {
         let f = Fields::new(map, "error", &["_rvalue", "_rtrace"]);
         let message = match map.get("_rvalue") {
             None => return Err(f.missing("_rvalue")),
-            Some(Value::Str(s)) => s.clone(),
+            Some(Value::Str(s)) => String::from(s.as_str()),
             // JS may send a non-string; keep its shape visible rather than failing.
             Some(v) => alloc::format!("{v:?}"),
         };
         let trace = match map.get("_rtrace") {
             Some(Value::Nil) | None => None,
-            Some(Value::Str(s)) => Some(s.clone()),
+            Some(Value::Str(s)) => Some(String::from(s.as_str())),
             Some(v) => return Err(f.wrong("_rtrace", "str", v)),
         };
         Ok(RemoteError { message, trace, other: f.other() })
