@@ -5,7 +5,10 @@ use std::path::Path;
 
 type Body = fn(&[u8]);
 
-const TARGETS: &[(&str, Body)] = &[("frame_decode", hypha_rpc_core::fuzzing::frame_decode)];
+const TARGETS: &[(&str, Body)] = &[
+    ("frame_decode", hypha_rpc_core::fuzzing::frame_decode),
+    ("engine_frames", hypha_rpc_core::fuzzing::engine_frames),
+];
 
 #[test]
 fn replay_fuzz_corpus_and_regressions() {
