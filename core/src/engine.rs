@@ -41,7 +41,7 @@ use crate::event::{CallId, Context, Event, FnId, Invocation, InvokeId, InvokeTar
 use crate::rng::Rng;
 use crate::service::{self, ServiceSpec, Visibility};
 use crate::time::{Duration, Instant};
-use crate::{Limits, Map, Value};
+use crate::{Limits, Map, Str, Value};
 
 /// The ext type tag of [`local_function`] placeholders. It is in msgpack's reserved (negative)
 /// range, is never sent on the wire, and is refused in anything a peer sends.
@@ -237,7 +237,7 @@ pub struct Engine {
     next_ping: Option<Instant>,
     next_refresh: Option<Instant>,
     ever_ready: bool,
-    me: String,
+    me: Str,
 }
 
 fn split_client(id: &str) -> (&str, &str) {
@@ -268,7 +268,7 @@ impl Engine {
             next_ping: None,
             next_refresh: None,
             ever_ready: false,
-            me: String::new(),
+            me: Str::default(),
         }
     }
 
@@ -515,7 +515,7 @@ impl Engine {
                 continue;
             };
             let parent = a.session.clone();
-            let frame = self.fire_frame(&addr, parent.as_deref(), None);
+            let frame = self.fire_frame(addr, parent.as_deref(), None);
             self.transmits.push_back(Transmit::Binary(encode_frame(&frame)));
         }
         if self.next_ping.is_some_and(|t| t <= now) {
@@ -655,7 +655,7 @@ impl Engine {
             Err(e) => (Slot::Reject, e),
         };
         if let Some(addr) = slot_address(&a.route, &a.caller, a.session.as_deref(), slot) {
-            let frame = self.fire_frame(&addr, a.session.as_deref(), Some(value));
+            let frame = self.fire_frame(addr, a.session.as_deref(), Some(value));
             self.send(encode_frame(&frame))?;
         }
         Ok(())
@@ -727,7 +727,7 @@ impl Engine {
         if let Some(t) = &info.reconnection_token {
             self.reconnection_token = Some(t.clone());
         }
-        self.me = format!("{}/{}", info.workspace, self.config.client_id);
+        self.me = Str::from(format!("{}/{}", info.workspace, self.config.client_id));
         self.info = Some(info);
         self.state = State::Registering;
         self.next_ping = Some(now + self.config.ping_interval);
@@ -814,7 +814,7 @@ impl Engine {
 
     /// `ws/client`, fixed at each handshake.
     fn me(&self) -> &str {
-        &self.me
+        self.me.as_str()
     }
 
     fn builtin_spec(&self) -> ServiceSpec {
@@ -1122,7 +1122,7 @@ impl Engine {
             Err(e) => (Slot::Reject, e.to_value()),
         };
         if let Some(addr) = slot_address(route, caller, session, slot) {
-            let frame = self.fire_frame(&addr, session, Some(value));
+            let frame = self.fire_frame(addr, session, Some(value));
             // Queueing fails only when the backlog is full; the caller then times out.
             let _ = self.send(encode_frame(&frame));
         }
@@ -1219,7 +1219,8 @@ impl Engine {
         let wants_reply = matches!(target.promise, Some(PromiseMode::Compact | PromiseMode::Full));
         let session = wants_reply.then(|| self.rng.short_id());
         let timeout = options.timeout.unwrap_or(self.config.method_timeout);
-        let me = self.me.clone();
+        let me = self.me.to_string();
+        let me_str = self.me.clone();
         let to = if target.target.contains('/') {
             target.target.clone()
         } else {
@@ -1242,7 +1243,7 @@ impl Engine {
 
         let mut main = Map::with_capacity(6);
         main.push(Value::from_static("type"), Value::from_static("method"));
-        main.push(Value::from_static("from"), me.as_str());
+        main.push(Value::from_static("from"), me_str);
         main.push(Value::from_static("to"), to.as_str());
         main.push(Value::from_static("method"), target.method.as_str());
         if let Some(p) = &options.parent {
@@ -1366,12 +1367,12 @@ impl Engine {
     }
 
     /// A fire-and-forget frame calling a reply slot `(target, method)` with `parent`.
-    fn fire_frame(&self, slot: &(String, String), parent: Option<&str>, value: Option<Value>) -> Frame {
+    fn fire_frame(&self, slot: (String, String), parent: Option<&str>, value: Option<Value>) -> Frame {
         let mut main = Map::with_capacity(5);
         main.push(Value::from_static("type"), Value::from_static("method"));
-        main.push(Value::from_static("from"), self.me());
-        main.push(Value::from_static("to"), slot.0.as_str());
-        main.push(Value::from_static("method"), slot.1.as_str());
+        main.push(Value::from_static("from"), self.me.clone());
+        main.push(Value::from_static("to"), slot.0);
+        main.push(Value::from_static("method"), slot.1);
         if let Some(p) = parent {
             main.push(Value::from_static("parent"), p);
         }

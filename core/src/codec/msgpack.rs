@@ -99,7 +99,9 @@ impl<'a> Reader<'a> {
         self.check_len("str", len, self.limits.max_str_len, at)?;
         let start = self.pos;
         let s = self.take(len)?;
-        if core::str::from_utf8(s).is_err() {
+        // Most protocol strings are short ASCII; a plain byte scan beats the general validator.
+        let ascii = s.len() <= 64 && s.iter().all(|b| *b < 0x80);
+        if !ascii && core::str::from_utf8(s).is_err() {
             return Err(DecodeError::InvalidUtf8 { offset: start });
         }
         let bytes = match self.owner {
