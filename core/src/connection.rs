@@ -124,8 +124,15 @@ pub(crate) fn control(kind: &str) -> String {
     out
 }
 
-/// A JSON string literal with Python's `ensure_ascii` escaping.
-fn json_str(out: &mut String, s: &str) {
+/// Appends `s` as a JSON string literal with the escaping of Python's `json.dumps`
+/// (`ensure_ascii`: everything outside printable ASCII as `\uXXXX`).
+///
+/// ```
+/// let mut out = String::new();
+/// hypha_rpc_core::connection::json_str(&mut out, "é\n");
+/// assert_eq!(out, r#""\u00e9\n""#);
+/// ```
+pub fn json_str(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {

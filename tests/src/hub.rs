@@ -2453,7 +2453,7 @@ fn write_json(out: &mut String, v: &Json) {
         Json::Number(n) => {
             let _ = write!(out, "{n}");
         }
-        Json::String(s) => write_json_str(out, s),
+        Json::String(s) => hypha_rpc_core::connection::json_str(out, s),
         Json::Array(a) => {
             out.push('[');
             for (i, x) in a.iter().enumerate() {
@@ -2470,36 +2470,13 @@ fn write_json(out: &mut String, v: &Json) {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_json_str(out, k);
+                hypha_rpc_core::connection::json_str(out, k);
                 out.push_str(": ");
                 write_json(out, x);
             }
             out.push('}');
         }
     }
-}
-
-fn write_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || !c.is_ascii() => {
-                let mut buf = [0u16; 2];
-                for u in c.encode_utf16(&mut buf) {
-                    let _ = write!(out, "\\u{u:04x}");
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 /// splitmix64: small, seedable, and the same on every platform.
