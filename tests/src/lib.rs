@@ -4,3 +4,4 @@ pub mod hub;
 pub mod payloads;
 pub mod server;
 pub mod transcripts;
+pub mod ws_driver;
