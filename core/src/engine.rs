@@ -33,6 +33,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use bytes::Bytes;
 
+use crate::chunk::Reassembly;
 use crate::codec::rtype::{Method, MethodLayout, PromiseMode, RTypeCodec, RemoteError};
 use crate::codec::{Frame, decode_frame, encode_frame};
 use crate::connection::{self, ConnectionInfo, Control};
@@ -238,6 +239,7 @@ pub struct Engine {
     next_refresh: Option<Instant>,
     ever_ready: bool,
     me: Str,
+    reassembly: Reassembly,
 }
 
 fn split_client(id: &str) -> (&str, &str) {
@@ -269,6 +271,7 @@ impl Engine {
             next_refresh: None,
             ever_ready: false,
             me: Str::default(),
+            reassembly: Reassembly::default(),
         }
     }
 
@@ -293,6 +296,10 @@ impl Engine {
     /// Invocations not yet answered.
     pub fn active_invocations(&self) -> usize {
         self.active.len()
+    }
+    /// Messages being uploaded to us in chunks.
+    pub fn partial_messages(&self) -> usize {
+        self.reassembly.len()
     }
     /// Frames waiting for the connection to come back.
     pub fn queued_frames(&self) -> usize {
@@ -325,6 +332,7 @@ impl Engine {
             consider(Some(deadline));
         }
         consider(self.deadlines.first().map(|(t, _)| *t));
+        consider(self.reassembly.next_expiry(&self.config.limits));
         if matches!(self.state, State::Ready | State::Registering) {
             consider(self.beats.first().map(|(t, _)| *t));
             consider(self.next_ping);
@@ -438,9 +446,14 @@ impl Engine {
             State::Registering | State::Ready => {}
         }
         let frame = decode_frame(bytes, &self.config.limits)?;
+        self.dispatch(now, frame, false)
+    }
+
+    /// Acts on one decoded frame (delivered directly, or reassembled from chunks).
+    fn dispatch(&mut self, now: Instant, frame: Frame, reassembled: bool) -> Result<(), InputError> {
         let kind = frame.main_str("type").ok_or_else(|| InputError::Protocol("no `type`".into()))?;
         match kind {
-            "method" => self.handle_method(now, frame),
+            "method" => self.handle_method(now, frame, reassembled),
             "client_disconnected" => {
                 self.check_from_server(&frame)?;
                 let data = frame.main.get("data").and_then(Value::as_map);
@@ -498,6 +511,7 @@ impl Engine {
                 CallError::Timeout { target: p.target.clone(), method: p.method.clone(), after: p.timeout };
             self.settle(now, s, Err(err));
         }
+        self.reassembly.expire(now, &self.config.limits);
         if !matches!(self.state, State::Ready | State::Registering) {
             return;
         }
@@ -840,7 +854,7 @@ impl Engine {
 
     // ---- internals: incoming calls -------------------------------------------------------------
 
-    fn handle_method(&mut self, now: Instant, mut frame: Frame) -> Result<(), InputError> {
+    fn handle_method(&mut self, now: Instant, mut frame: Frame, reassembled: bool) -> Result<(), InputError> {
         // Envelope keys come from `main` only (the server wrote `from`, `ws`, `user`); the
         // payload keys from `extra` only. A forged `from` inside `extra` is never read.
         let main_str = |k: &str| frame.main.get(k).and_then(Value::as_str).map(String::from);
@@ -919,8 +933,19 @@ impl Engine {
             Ok(None) => {
                 // The built-in service, answered here.
                 let path = method.strip_prefix("services.built-in.").unwrap_or_default().to_string();
-                let result = self.builtin_call(&path, extra, &frame);
-                return self.answer_now(&route, &from, session.as_deref(), result);
+                if reassembled && path.starts_with("message_cache.") {
+                    let err = RemoteError {
+                        message: "nested chunked messages are refused".into(),
+                        ..RemoteError::default()
+                    };
+                    return self.answer_now(&route, &from, session.as_deref(), Err(err));
+                }
+                let (result, message) = self.builtin_call(now, &path, extra, &frame);
+                self.answer_now(&route, &from, session.as_deref(), result)?;
+                return match message {
+                    Some(m) => self.dispatch(now, m, true),
+                    None => Ok(()),
+                };
             }
             Err(message) => {
                 let err = RemoteError {
@@ -1060,16 +1085,24 @@ impl Engine {
     }
 
     /// Calls of our `built-in` service (PROTOCOL.md §6.2), answered by the engine itself.
-    fn builtin_call(&self, path: &str, extra: &Map, frame: &Frame) -> Result<Value, RemoteError> {
-        let err = |message: String| RemoteError { message, trace: None, other: Map::new() };
-        let mut args = extra.get("args").and_then(Value::as_array).unwrap_or(&[]);
-        let mut kw = None;
-        if extra.get("with_kwargs").and_then(Value::as_bool) == Some(true) {
-            if let Some((last, rest)) = args.split_last() {
-                kw = last.as_map();
-                args = rest;
-            }
+    /// A reassembled large message comes back in the second slot, to be dispatched once the
+    /// `process` call is answered.
+    fn builtin_call(
+        &mut self,
+        now: Instant,
+        path: &str,
+        extra: &Map,
+        frame: &Frame,
+    ) -> (Result<Value, RemoteError>, Option<Frame>) {
+        if let Some(op) = path.strip_prefix("message_cache.") {
+            return self.message_cache(now, op, extra, frame);
         }
+        (self.builtin_simple(path, extra, frame), None)
+    }
+
+    fn builtin_simple(&self, path: &str, extra: &Map, frame: &Frame) -> Result<Value, RemoteError> {
+        let err = |message: String| RemoteError { message, trace: None, other: Map::new() };
+        let (args, kw) = split_kwargs(extra);
         let arg = |i: usize, name: &str| args.get(i).or_else(|| kw.and_then(|k| k.get(name)));
         match path {
             "ping" => match arg(0, "msg").and_then(Value::as_str) {
@@ -1103,9 +1136,94 @@ impl Engine {
                 }
                 Ok(spec.served(&server, me))
             }
-            _ => Err(err(format!(
-                "{path} is not supported by this client yet (large messages arrive in a later version)"
-            ))),
+            _ => Err(err(format!("Method not found: built-in.{path}"))),
+        }
+    }
+
+    /// `message_cache.{create, append, set, process, remove}`: chunked uploads to us
+    /// (PROTOCOL.md §7.3). Keys are private to the peer that created them.
+    fn message_cache(
+        &mut self,
+        now: Instant,
+        op: &str,
+        extra: &Map,
+        frame: &Frame,
+    ) -> (Result<Value, RemoteError>, Option<Frame>) {
+        let err = |message: String| RemoteError { message, trace: None, other: Map::new() };
+        let (args, kw) = split_kwargs(extra);
+        let arg = |i: usize, name: &str| args.get(i).or_else(|| kw.and_then(|k| k.get(name)));
+        let flag = |i: usize, name: &str| arg(i, name).and_then(Value::as_bool).unwrap_or(false);
+        let owner = frame.main_str("from").unwrap_or_default().to_string();
+        let Some(key) = arg(0, "key").and_then(Value::as_str).map(String::from) else {
+            return (Err(err("message_cache needs a string key".into())), None);
+        };
+        let limits = &self.config.limits;
+        let (result, heartbeat) = match op {
+            "create" => (
+                self.reassembly.create(now, &key, &owner, flag(2, "overwrite"), limits),
+                flag(1, "heartbeat"),
+            ),
+            "append" | "set" => {
+                let (index, data_at, hb_at) =
+                    if op == "set" { (arg(1, "index").map(Value::as_u64), 2, 3) } else { (None, 1, 2) };
+                let index = match index {
+                    Some(None) => {
+                        return (Err(err("chunk index must be a non-negative integer".into())), None);
+                    }
+                    Some(Some(i)) => Some(i),
+                    None if op == "set" => return (Err(err("set needs a chunk index".into())), None),
+                    None => None,
+                };
+                match arg(data_at, "data").and_then(Value::as_bin) {
+                    Some(data) => (
+                        self.reassembly.add(now, &key, &owner, index, data.clone(), limits),
+                        flag(hb_at, "heartbeat"),
+                    ),
+                    None => return (Err(err("chunk data must be bytes".into())), None),
+                }
+            }
+            "remove" => (self.reassembly.remove(&key, &owner), false),
+            "process" => {
+                self.touch_session(now, &key, flag(1, "heartbeat"));
+                let bytes = match self.reassembly.take(&key, &owner) {
+                    Ok(b) => b,
+                    Err(e) => return (Err(err(e.0)), None),
+                };
+                let mut message = match decode_frame(&bytes, &self.config.limits) {
+                    Ok(f) => f,
+                    Err(e) => return (Err(err(format!("reassembled message {key} is invalid: {e}"))), None),
+                };
+                // The sender wrote the reassembled header; the trusted fields come from the
+                // server's rewrite of the `process` call itself.
+                for k in ["from", "to", "ws", "user"] {
+                    match frame.main.get(k) {
+                        Some(v) => {
+                            message.main.insert(k, v.clone());
+                        }
+                        None => {
+                            message.main.remove(k);
+                        }
+                    }
+                }
+                return (Ok(Value::Nil), Some(message));
+            }
+            _ => return (Err(err(format!("Method not found: message_cache.{op}"))), None),
+        };
+        self.touch_session(now, &key, heartbeat);
+        (result.map(|()| Value::Nil).map_err(|e| err(e.0)), None)
+    }
+
+    /// A chunked reply to our call `key` is arriving: its progress counts as a heartbeat.
+    fn touch_session(&mut self, now: Instant, key: &str, heartbeat: bool) {
+        if !heartbeat {
+            return;
+        }
+        if let Some(p) = self.sessions.get_mut(key) {
+            let old = p.deadline;
+            p.deadline = now + p.timeout;
+            let new = p.deadline;
+            self.deadlines.remove(&(old, key.to_string()));
+            self.deadlines.insert((new, key.to_string()));
         }
     }
 
@@ -1418,6 +1536,7 @@ impl Engine {
 
     /// A peer left: fail calls to it, drop invocations from it.
     fn peer_gone(&mut self, now: Instant, peer: &str) {
+        self.reassembly.forget_owner(peer);
         let dead: Vec<String> =
             self.sessions.iter().filter(|(_, p)| p.target == peer).map(|(s, _)| s.clone()).collect();
         for s in dead {
@@ -1465,6 +1584,17 @@ fn sanitize_incoming(v: &mut Value, ws: &str) -> Result<(), ()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Positional arguments and the kwargs map of a call's `extra`.
+fn split_kwargs(extra: &Map) -> (&[Value], Option<&Map>) {
+    let args = extra.get("args").and_then(Value::as_array).unwrap_or(&[]);
+    if extra.get("with_kwargs").and_then(Value::as_bool) == Some(true) {
+        if let Some((last, rest)) = args.split_last() {
+            return (rest, last.as_map());
+        }
+    }
+    (args, None)
 }
 
 fn contains_local_function(v: &Value) -> bool {

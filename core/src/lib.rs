@@ -35,6 +35,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+mod chunk;
 pub mod codec;
 pub mod connection;
 pub mod engine;

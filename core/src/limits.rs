@@ -37,6 +37,17 @@ pub struct Limits {
     /// Shortest heartbeat interval we honour, whatever `t` a caller asks for (a `t` of 0
     /// must not make us flood the server's rate limit). Default 0.5 s.
     pub min_heartbeat_interval: Duration,
+    /// Largest message reassembled from chunks. Default 256 MiB.
+    pub max_message_bytes: usize,
+    /// Most bytes held by all partial messages together. Default 512 MiB.
+    pub max_reassembly_bytes: usize,
+    /// Most chunks in one message (chunk indices above are refused). Default 65 536.
+    pub max_chunks_per_message: usize,
+    /// Most messages being uploaded to us at once. Default 64.
+    pub max_partial_messages: usize,
+    /// A partial message with no new chunk for this long is dropped (its sender vanished).
+    /// Default 120 s.
+    pub partial_message_expiry: Duration,
 }
 
 impl Limits {
@@ -62,6 +73,11 @@ impl Default for Limits {
             max_active_invocations: 1024,
             max_queued_frames: 1024,
             min_heartbeat_interval: Duration::from_millis(500),
+            max_message_bytes: 256 * 1024 * 1024,
+            max_reassembly_bytes: 512 * 1024 * 1024,
+            max_chunks_per_message: 65_536,
+            max_partial_messages: 64,
+            partial_message_expiry: Duration::from_secs(120),
         }
     }
 }

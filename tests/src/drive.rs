@@ -146,6 +146,27 @@ pub fn substitute(v: &Value, map: &BTreeMap<String, String>) -> Value {
             }
             Value::from(s)
         }
+        // Chunks of a large message carry ids inside raw bytes; ids have equal lengths, so a
+        // byte-level replacement keeps the chunk's msgpack valid.
+        Value::Bin(b) => {
+            let mut bytes = b.to_vec();
+            for (from, to) in map {
+                let (f, t) = (from.as_bytes(), to.as_bytes());
+                if f.len() != t.len() || f.is_empty() {
+                    continue;
+                }
+                let mut i = 0;
+                while i + f.len() <= bytes.len() {
+                    if &bytes[i..i + f.len()] == f {
+                        bytes[i..i + f.len()].copy_from_slice(t);
+                        i += f.len();
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            Value::bin(bytes)
+        }
         Value::Array(a) => Value::Array(a.iter().map(|x| substitute(x, map)).collect()),
         Value::Map(m) => {
             Value::Map(m.iter().map(|(k, x)| (k.clone(), substitute(x, map))).collect::<Vec<_>>().into())

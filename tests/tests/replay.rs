@@ -324,3 +324,83 @@ fn handshake_and_builtin_registration_match_python() {
     assert_eq!(main, theirs.main, "built-in registration header");
     assert_eq!(e.connection_info().unwrap().manager_id, MANAGER);
 }
+
+/// Large messages (PROTOCOL.md §7): a Python caller uploads a chunked call through our
+/// `message_cache`, and a Python callee sends us a chunked reply keyed by our session.
+#[test]
+fn chunked_messages_from_python_are_reassembled() {
+    let rec = Recording::load();
+    let sc = "large_chunked_small";
+    // Callee side: create, three sets, process; each answered exactly as Python did, then the
+    // reassembled call arrives with the trusted header of the `process` frame.
+    let mut e = drive::engine("py-peer-sc", 4);
+    let t0 = Instant::from_micros(1);
+    drive::connect(&mut e, t0, "py-peer-sc", WS, MANAGER);
+    let svc = ServiceSpec::new("interop-sc")
+        .visibility(Visibility::Public)
+        .function("echo_bytes", FunctionSpec::new("echo_bytes"));
+    e.register_service(t0, svc).unwrap();
+    drain(&mut e);
+    e.handle_binary(t0, &rec.bytes(sc, 1)).unwrap(); // get_service("built-in")
+    let d = drain(&mut e);
+    let builtin = &d.frames[0].extra.as_ref().unwrap().get("args").unwrap().as_array().unwrap()[0];
+    let cfg = builtin.as_map().unwrap().get("config").unwrap().as_map().unwrap();
+    assert_eq!(cfg.get("api_version"), Some(&Value::from(3)), "Python senders need api_version >= 3");
+    assert!(
+        builtin.as_map().unwrap().get("message_cache").and_then(Value::as_map).is_some_and(|m| m.len() == 5)
+    );
+    for (sent, reply) in [(5, 6), (11, 12), (13, 16), (14, 17)] {
+        e.handle_binary(t0, &rec.bytes(sc, sent)).unwrap();
+        assert_eq!(drain(&mut e).bytes, vec![rec.bytes(sc, reply)], "{sc} #{reply}");
+    }
+    assert_eq!(e.partial_messages(), 1);
+    e.handle_binary(t0, &rec.bytes(sc, 21)).unwrap(); // process
+    let d = drain(&mut e);
+    assert_eq!(d.bytes, vec![rec.bytes(sc, 22)], "{sc} #22");
+    let inv = invocation(&d.events);
+    assert_eq!(
+        inv.target,
+        InvokeTarget::Service { service: "interop-sc".into(), function: "echo_bytes".into() }
+    );
+    assert_eq!(inv.caller, format!("{WS}/py-caller-sc"));
+    let recorded =
+        &rec.0.iter().find(|f| f.scenario == sc && f.seq == 21).unwrap().json["reassembled"][1]["args"][0];
+    hypha_rpc_tests::transcripts::compare(&inv.args[0], recorded, "args[0]").unwrap();
+    assert_eq!(inv.args[0].as_bin().unwrap().len(), 10_000);
+    assert_eq!(e.partial_messages(), 0, "the buffer is freed once processed");
+
+    // Caller side: our call's reply comes back in chunks keyed by our session.
+    let mut e = drive::engine("py-caller-sc", 5);
+    drive::connect(&mut e, t0, "py-caller-sc", WS, MANAGER);
+    let echo = Method {
+        target: format!("{WS}/py-peer-sc"),
+        method: "services.interop-sc.echo_bytes".into(),
+        promise: Some(hypha_rpc_core::codec::rtype::PromiseMode::Compact),
+        ..Method::default()
+    };
+    let call = e.call(t0, &echo, vec![Value::bin(vec![0u8; 16])], None, CallOptions::default()).unwrap();
+    let d = drain(&mut e);
+    let ours = d.frames[0].main_str("session").unwrap().to_string();
+    let mut ids = BTreeMap::from([("bVXFJMQKx3o8Jpt6nRUCAz".to_string(), ours)]);
+    // The peer's built-in lookup, then create/set/process with heartbeat = true.
+    e.handle_binary(t0, &substitute_frame(&rec.bytes(sc, 25), &ids)).unwrap();
+    drain(&mut e);
+    let later = t0 + Duration::from_secs(20);
+    for (seq, ack) in [(29, 30), (35, 36), (37, 40), (38, 41)] {
+        e.handle_binary(later, &substitute_frame(&rec.bytes(sc, seq), &ids)).unwrap();
+        let d = drain(&mut e);
+        assert_same_up_to_ids(&d.bytes[0], &rec.bytes(sc, ack), &mut ids, "chunk ack");
+    }
+    // Each chunk step counted as a heartbeat: at t0 + 40 s the call (30 s timeout) is alive.
+    e.handle_timeout(t0 + Duration::from_secs(40));
+    assert!(drain(&mut e).events.is_empty(), "chunk progress must reset the call's timer");
+    e.handle_binary(later, &substitute_frame(&rec.bytes(sc, 45), &ids)).unwrap();
+    let d = drain(&mut e);
+    match d.events.as_slice() {
+        [Event::CallSettled { id, result: Ok(v) }] if *id == call => {
+            assert_eq!(v.as_bin().unwrap().len(), 10_000)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.partial_messages(), 0);
+}
