@@ -98,6 +98,12 @@ pub struct EngineConfig {
     pub token_refresh_interval: Duration,
     /// Caps on everything peers can make us hold.
     pub limits: Limits,
+    /// Size of the chunks a large message is cut into. Default 262 144, as Python; frames
+    /// longer than this plus 1024 bytes go through the receiver's `message_cache`.
+    pub chunk_size: usize,
+    /// The transport's largest message (websocket frame, data-channel message); chunks stay
+    /// below it. Default 16 MiB (the server's limit).
+    pub transport_max_message: usize,
     /// Seeds session ids: same seed and inputs give the same bytes.
     pub seed: u64,
 }
@@ -114,6 +120,8 @@ impl EngineConfig {
             handshake_timeout: Duration::from_secs(30),
             token_refresh_interval: Duration::from_secs(7200),
             limits: Limits::default(),
+            chunk_size: 262_144,
+            transport_max_message: 16 * 1024 * 1024,
             seed: 0,
         }
     }
@@ -148,6 +156,40 @@ enum Internal {
     Builtin,
     Subscribe,
     Restore(String),
+    Chunk { upload: u64, step: ChunkStep },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkStep {
+    Create,
+    Set(usize),
+    Process,
+    Remove,
+}
+
+/// A large message we are uploading to a peer's `message_cache` (PROTOCOL.md §7.2).
+#[derive(Debug)]
+struct Upload {
+    /// The receiver, `ws/client`.
+    target: String,
+    /// The cache key: the receiver's session for replies, a fresh id otherwise.
+    key: String,
+    /// `true` for replies: each step also counts as a heartbeat of the receiver's call.
+    heartbeat: bool,
+    /// The whole frame.
+    data: Bytes,
+    chunk: usize,
+    /// Next chunk index to send, and chunks acknowledged.
+    next: usize,
+    acked: usize,
+    /// The session of our call this message is, if it is one.
+    call_session: Option<String>,
+}
+
+impl Upload {
+    fn chunks(&self) -> usize {
+        self.data.len().div_ceil(self.chunk)
+    }
 }
 
 #[derive(Debug)]
@@ -240,7 +282,12 @@ pub struct Engine {
     ever_ready: bool,
     me: Str,
     reassembly: Reassembly,
+    uploads: BTreeMap<u64, Upload>,
+    next_upload: u64,
 }
+
+/// Chunk uploads in flight per message, as the Python client does.
+const UPLOAD_WINDOW: usize = 30;
 
 fn split_client(id: &str) -> (&str, &str) {
     id.split_once('/').unwrap_or(("", id))
@@ -272,6 +319,8 @@ impl Engine {
             ever_ready: false,
             me: Str::default(),
             reassembly: Reassembly::default(),
+            uploads: BTreeMap::new(),
+            next_upload: 0,
         }
     }
 
@@ -296,6 +345,10 @@ impl Engine {
     /// Invocations not yet answered.
     pub fn active_invocations(&self) -> usize {
         self.active.len()
+    }
+    /// Large messages we are uploading in chunks.
+    pub fn uploads(&self) -> usize {
+        self.uploads.len()
     }
     /// Messages being uploaded to us in chunks.
     pub fn partial_messages(&self) -> usize {
@@ -644,7 +697,7 @@ impl Engine {
     /// rejects it with a remote error (message and traceback).
     pub fn reply(
         &mut self,
-        _now: Instant,
+        now: Instant,
         id: InvokeId,
         result: Result<Value, RemoteError>,
     ) -> Result<(), EngineError> {
@@ -669,8 +722,9 @@ impl Engine {
             Err(e) => (Slot::Reject, e),
         };
         if let Some(addr) = slot_address(&a.route, &a.caller, a.session.as_deref(), slot) {
+            let to = addr.0.clone();
             let frame = self.fire_frame(addr, a.session.as_deref(), Some(value));
-            self.send(encode_frame(&frame))?;
+            self.send_reply(now, to, a.session, encode_frame(&frame))?;
         }
         Ok(())
     }
@@ -938,10 +992,10 @@ impl Engine {
                         message: "nested chunked messages are refused".into(),
                         ..RemoteError::default()
                     };
-                    return self.answer_now(&route, &from, session.as_deref(), Err(err));
+                    return self.answer_now(now, &route, &from, session.as_deref(), Err(err));
                 }
                 let (result, message) = self.builtin_call(now, &path, extra, &frame);
-                self.answer_now(&route, &from, session.as_deref(), result)?;
+                self.answer_now(now, &route, &from, session.as_deref(), result)?;
                 return match message {
                     Some(m) => self.dispatch(now, m, true),
                     None => Ok(()),
@@ -953,7 +1007,7 @@ impl Engine {
                     trace: Some(format!("Exception: {message}\n")),
                     other: Map::new(),
                 };
-                self.answer_now(&route, &from, session.as_deref(), Err(err))?;
+                self.answer_now(now, &route, &from, session.as_deref(), Err(err))?;
                 return Err(InputError::Protocol(message));
             }
         };
@@ -962,7 +1016,7 @@ impl Engine {
             let message =
                 format!("Too many concurrent calls (limit {})", self.config.limits.max_active_invocations);
             let err = RemoteError { message, trace: None, other: Map::new() };
-            return self.answer_now(&route, &from, session.as_deref(), Err(err));
+            return self.answer_now(now, &route, &from, session.as_deref(), Err(err));
         }
 
         let with_kwargs = extra.get("with_kwargs").and_then(Value::as_bool).unwrap_or(false);
@@ -977,7 +1031,7 @@ impl Engine {
                     trace: None,
                     other: Map::new(),
                 };
-                return self.answer_now(&route, &from, session.as_deref(), Err(err));
+                return self.answer_now(now, &route, &from, session.as_deref(), Err(err));
             }
         }
         let mut kwargs = None;
@@ -997,7 +1051,7 @@ impl Engine {
                         trace: None,
                         other: Map::new(),
                     };
-                    return self.answer_now(&route, &from, session.as_deref(), Err(err));
+                    return self.answer_now(now, &route, &from, session.as_deref(), Err(err));
                 }
             }
         }
@@ -1230,6 +1284,7 @@ impl Engine {
     /// Answers a call the engine handles itself (or refuses) straight away.
     fn answer_now(
         &mut self,
+        now: Instant,
         route: &Route,
         caller: &str,
         session: Option<&str>,
@@ -1240,9 +1295,10 @@ impl Engine {
             Err(e) => (Slot::Reject, e.to_value()),
         };
         if let Some(addr) = slot_address(route, caller, session, slot) {
+            let to = addr.0.clone();
             let frame = self.fire_frame(addr, session, Some(value));
             // Queueing fails only when the backlog is full; the caller then times out.
-            let _ = self.send(encode_frame(&frame));
+            let _ = self.send_reply(now, to, session.map(String::from), encode_frame(&frame));
         }
         Ok(())
     }
@@ -1404,10 +1460,17 @@ impl Engine {
         }
         let frame = Frame { main, extra: (!extra.is_empty()).then_some(extra) };
         let bytes = encode_frame(&frame);
-        if internal.is_some() {
-            self.transmits.push_back(Transmit::Binary(bytes));
-        } else {
-            self.send(bytes)?;
+        match &internal {
+            // The engine's own registration calls go out while still registering.
+            Some(Internal::Builtin | Internal::Subscribe | Internal::Restore(_)) => {
+                self.transmits.push_back(Transmit::Binary(bytes))
+            }
+            Some(Internal::Chunk { .. }) => self.send(bytes)?,
+            None if bytes.len() > self.chunk_threshold() => {
+                let key = self.rng.short_id();
+                self.start_upload(now, to.clone(), key, false, bytes, session.clone())?;
+            }
+            None => self.send(bytes)?,
         }
         match session {
             Some(s) => {
@@ -1530,6 +1593,132 @@ impl Engine {
                 if let Err(error) = result {
                     self.events.push_back(Event::ServiceRestoreFailed { service, error });
                 }
+            }
+            Some(Internal::Chunk { upload, step }) => self.upload_progress(now, upload, step, result),
+        }
+    }
+
+    // ---- internals: large outgoing messages ------------------------------------------------
+
+    /// Sends a reply frame, through the caller's `message_cache` when it is large (keyed by the
+    /// caller's session, with `heartbeat` so the upload keeps its call alive).
+    fn send_reply(
+        &mut self,
+        now: Instant,
+        to: String,
+        session: Option<String>,
+        bytes: Bytes,
+    ) -> Result<(), EngineError> {
+        if bytes.len() <= self.chunk_threshold() {
+            return self.send(bytes);
+        }
+        let (key, heartbeat) = match session {
+            Some(s) => (s, true),
+            None => (self.rng.short_id(), false),
+        };
+        self.start_upload(now, to, key, heartbeat, bytes, None)
+    }
+
+    /// Frames longer than this go through the receiver's `message_cache`.
+    fn chunk_threshold(&self) -> usize {
+        self.chunk_size() + 1024
+    }
+
+    /// The chunk size in force: the configured one, kept below the transport's message limit
+    /// (and so below the 524 288-byte object limit of a Python receiver at the default).
+    fn chunk_size(&self) -> usize {
+        self.config.chunk_size.min(self.config.transport_max_message.saturating_sub(2048)).max(1024)
+    }
+
+    /// Starts uploading `data` to `target` under `key`: create, then sets, then process.
+    fn start_upload(
+        &mut self,
+        now: Instant,
+        target: String,
+        key: String,
+        heartbeat: bool,
+        data: Bytes,
+        call_session: Option<String>,
+    ) -> Result<(), EngineError> {
+        self.next_upload += 1;
+        let id = self.next_upload;
+        let chunk = self.chunk_size();
+        self.uploads
+            .insert(id, Upload { target, key, heartbeat, data, chunk, next: 0, acked: 0, call_session });
+        self.upload_step(now, id, ChunkStep::Create)
+    }
+
+    /// Sends one step of upload `id` as a call of the receiver's `built-in.message_cache`.
+    fn upload_step(&mut self, now: Instant, id: u64, step: ChunkStep) -> Result<(), EngineError> {
+        let Some(u) = self.uploads.get(&id) else { return Ok(()) };
+        let (name, args): (&str, Vec<Value>) = match step {
+            ChunkStep::Create => ("create", vec![u.key.as_str().into(), u.heartbeat.into()]),
+            ChunkStep::Set(i) => {
+                let end = ((i + 1) * u.chunk).min(u.data.len());
+                let part = u.data.slice(i * u.chunk..end);
+                ("set", vec![u.key.as_str().into(), i.into(), Value::Bin(part), u.heartbeat.into()])
+            }
+            ChunkStep::Process => ("process", vec![u.key.as_str().into(), u.heartbeat.into()]),
+            ChunkStep::Remove => ("remove", vec![u.key.as_str().into()]),
+        };
+        let target = Method {
+            target: u.target.clone(),
+            method: format!("services.built-in.message_cache.{name}"),
+            promise: Some(PromiseMode::Compact),
+            ..Method::default()
+        };
+        let internal = Some(Internal::Chunk { upload: id, step });
+        self.call_inner(now, &target, args, None, CallOptions::default(), internal).map(|_| ())
+    }
+
+    /// One step of an upload settled: send the next ones, or finish, or give up.
+    fn upload_progress(&mut self, now: Instant, id: u64, step: ChunkStep, result: Result<Value, CallError>) {
+        if step == ChunkStep::Remove {
+            return;
+        }
+        let Some(u) = self.uploads.get_mut(&id) else { return };
+        if let Err(error) = result {
+            // Best effort: free the receiver's buffer, then fail the call this message was.
+            let call = u.call_session.take();
+            let _ = self.upload_step(now, id, ChunkStep::Remove);
+            self.uploads.remove(&id);
+            if let Some(s) = call {
+                self.settle(now, s, Err(error));
+            }
+            return;
+        }
+        // Progress keeps our own call alive while its request is still uploading.
+        if let Some(s) = u.call_session.clone() {
+            self.touch_session(now, &s, true);
+        }
+        let Some(u) = self.uploads.get_mut(&id) else { return };
+        let mut next = Vec::new();
+        match step {
+            ChunkStep::Create | ChunkStep::Set(_) => {
+                if matches!(step, ChunkStep::Set(_)) {
+                    u.acked += 1;
+                }
+                let total = u.chunks();
+                while u.next < total && u.next - u.acked < UPLOAD_WINDOW {
+                    next.push(ChunkStep::Set(u.next));
+                    u.next += 1;
+                }
+                if u.acked == total {
+                    next.push(ChunkStep::Process);
+                }
+            }
+            ChunkStep::Process => {
+                self.uploads.remove(&id);
+            }
+            ChunkStep::Remove => {}
+        }
+        for step in next {
+            if let Err(e) = self.upload_step(now, id, step) {
+                let call = self.uploads.remove(&id).and_then(|u| u.call_session);
+                if let Some(s) = call {
+                    self.settle(now, s, Err(CallError::BadReply(format!("could not send a chunk: {e}"))));
+                }
+                return;
             }
         }
     }

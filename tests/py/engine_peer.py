@@ -13,6 +13,11 @@ import sys
 from hypha_rpc import connect_to_server
 
 
+def echo(x):
+    """Return the argument unchanged."""
+    return x
+
+
 def add(a, b):
     """Add two values."""
     return a + b
@@ -54,6 +59,7 @@ async def main(url):
         {
             "id": "interop",
             "config": {"visibility": "public", "require_context": ["whoami"]},
+            "echo": echo,
             "add": add,
             "kwfunc": kwfunc,
             "raise_error": raise_error,
@@ -68,6 +74,9 @@ async def main(url):
     svc = await peer.get_service(rust_id)
     results = {}
     results["echo"] = plain(await svc.echo({"a": [1, 2.5, None, "x"], "b": b"\x00\x01"}))
+    big = bytes(i % 251 for i in range(600_000))
+    back = await svc.echo(big)
+    results["big_echo_ok"] = back == big
     results["add"] = await svc.add(40, 2)
     results["greet"] = await svc.greet(name="Ada")
     results["whoami"] = plain(await svc.whoami())

@@ -57,6 +57,10 @@ fn engine_talks_to_python_through_the_real_server() {
         c.wait(id, WAIT)
     };
     assert_eq!(call(&mut c, "add", vec![2.into(), 3.into()], None), Ok(Value::from(5)));
+    // 600 kB each way: our call and Python's reply both go through message_cache in chunks.
+    let big: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    let back = call(&mut c, "echo", vec![Value::bin(big.clone())], None).expect("large echo");
+    assert_eq!(back.as_bin().map(|b| &b[..]), Some(&big[..]), "600 kB echo through Python");
     let kw: Map = [("c", 3)].into_iter().collect();
     let r = call(&mut c, "kwfunc", vec![1.into()], Some(kw)).unwrap();
     assert_eq!(r.as_map().unwrap().get("c"), Some(&Value::from(3)));
@@ -125,6 +129,7 @@ fn engine_talks_to_python_through_the_real_server() {
     let r = &results["results"];
     assert_eq!(r["echo"], serde_json::json!({"a": [1, 2.5, null, "x"], "b": {"bytes": [0, 1]}}));
     assert_eq!(r["add"], 42);
+    assert_eq!(r["big_echo_ok"], true, "Python's 600 kB echo through our message_cache and back");
     assert_eq!(r["greet"], "Hello, Ada!");
     assert_eq!(r["whoami"]["from"], format!("{workspace}/py-peer"));
     assert_eq!(r["whoami"]["ws"], workspace);
