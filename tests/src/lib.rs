@@ -3,5 +3,6 @@ pub mod drive;
 pub mod hub;
 pub mod payloads;
 pub mod server;
+pub mod sim;
 pub mod transcripts;
 pub mod ws_driver;
