@@ -34,11 +34,11 @@ use alloc::vec::Vec;
 use bytes::Bytes;
 
 use crate::chunk::Reassembly;
-use crate::codec::rtype::{Method, MethodLayout, PromiseMode, RTypeCodec, RemoteError};
+use crate::codec::rtype::{Generator, Method, MethodLayout, PromiseMode, RTypeCodec, RemoteError};
 use crate::codec::{Frame, decode_frame, encode_frame};
 use crate::connection::{self, ConnectionInfo, Control};
 use crate::error::{CallError, ConnectError, EngineError, InputError};
-use crate::event::{CallId, Context, Event, FnId, Invocation, InvokeId, InvokeTarget, Transmit};
+use crate::event::{CallId, Context, Event, FnId, GenId, Invocation, InvokeId, InvokeTarget, Transmit};
 use crate::rng::Rng;
 use crate::service::{self, ServiceSpec, Visibility};
 use crate::time::{Duration, Instant};
@@ -63,6 +63,36 @@ pub fn local_function(id: FnId, name: &str) -> Value {
     payload.extend_from_slice(&id.0.to_be_bytes());
     payload.extend_from_slice(name.as_bytes());
     Value::Ext(LOCAL_FUNCTION_EXT, payload.into())
+}
+
+/// The ext type tag of [`local_generator`] placeholders (reserved range, never on the wire).
+pub const LOCAL_GENERATOR_EXT: i8 = -65;
+
+/// A placeholder for a local generator inside call arguments or a reply. The engine sends it
+/// as a `_rtype: "generator"` descriptor and emits [`InvokeTarget::GeneratorNext`] for every
+/// item the peer asks for; [`Event::GeneratorClosed`] when the peer stops early or leaves.
+///
+/// ```
+/// use hypha_rpc_core::engine::local_generator;
+/// use hypha_rpc_core::GenId;
+/// assert_eq!(local_generator(GenId(1)).kind(), "ext");
+/// ```
+pub fn local_generator(id: GenId) -> Value {
+    Value::Ext(LOCAL_GENERATOR_EXT, Bytes::copy_from_slice(&id.0.to_be_bytes()))
+}
+
+fn parse_local_generator(v: &Value) -> Option<GenId> {
+    match v {
+        Value::Ext(LOCAL_GENERATOR_EXT, p) if p.len() == 8 => {
+            Some(GenId(u64::from_be_bytes(p[..8].try_into().ok()?)))
+        }
+        _ => None,
+    }
+}
+
+/// `true` for the `{_rtype: "stop_iteration"}` a remote generator answers at its end.
+pub fn is_stop_iteration(v: &Value) -> bool {
+    v.rtype() == Some("stop_iteration")
 }
 
 fn parse_local_function(v: &Value) -> Option<(FnId, String)> {
@@ -201,6 +231,24 @@ struct Pending {
     deadline: Instant,
     internal: Option<Internal>,
     callbacks: Vec<(String, FnId)>,
+    generators: Vec<(String, GenId)>,
+}
+
+/// Local functions and generators we returned in a reply, kept in a session of ours that
+/// only the peer we answered may call (PROTOCOL.md §5.4, §8).
+#[derive(Debug)]
+struct Export {
+    peer: String,
+    functions: Vec<(String, FnId)>,
+    generators: Vec<(String, GenId)>,
+    last_used: Instant,
+}
+
+/// What `replace_locals` found in a value.
+#[derive(Debug, Default)]
+struct Locals {
+    functions: Vec<(String, FnId)>,
+    generators: Vec<(String, GenId)>,
 }
 
 /// Where the replies of an incoming call go (PROTOCOL.md §5.2).
@@ -232,6 +280,8 @@ struct Active {
     interval: Option<Duration>,
     beat_at: Option<Instant>,
     cancelled: bool,
+    /// For a generator's `next`: its session and key, so the end frees it.
+    generator: Option<(String, String)>,
 }
 
 /// The (target, method) of a reply slot, or `None` when the caller did not ask for it.
@@ -284,6 +334,7 @@ pub struct Engine {
     reassembly: Reassembly,
     uploads: BTreeMap<u64, Upload>,
     next_upload: u64,
+    exports: BTreeMap<String, Export>,
 }
 
 /// Chunk uploads in flight per message, as the Python client does.
@@ -321,6 +372,7 @@ impl Engine {
             reassembly: Reassembly::default(),
             uploads: BTreeMap::new(),
             next_upload: 0,
+            exports: BTreeMap::new(),
         }
     }
 
@@ -345,6 +397,10 @@ impl Engine {
     /// Invocations not yet answered.
     pub fn active_invocations(&self) -> usize {
         self.active.len()
+    }
+    /// Sessions holding functions or generators we returned in replies.
+    pub fn exports(&self) -> usize {
+        self.exports.len()
     }
     /// Large messages we are uploading in chunks.
     pub fn uploads(&self) -> usize {
@@ -386,6 +442,8 @@ impl Engine {
         }
         consider(self.deadlines.first().map(|(t, _)| *t));
         consider(self.reassembly.next_expiry(&self.config.limits));
+        let expiry = self.config.limits.export_idle_expiry;
+        consider(self.exports.values().map(|x| x.last_used + expiry).min());
         if matches!(self.state, State::Ready | State::Registering) {
             consider(self.beats.first().map(|(t, _)| *t));
             consider(self.next_ping);
@@ -565,6 +623,7 @@ impl Engine {
             self.settle(now, s, Err(err));
         }
         self.reassembly.expire(now, &self.config.limits);
+        self.drop_exports(now, None);
         if !matches!(self.state, State::Ready | State::Registering) {
             return;
         }
@@ -701,18 +760,40 @@ impl Engine {
         id: InvokeId,
         result: Result<Value, RemoteError>,
     ) -> Result<(), EngineError> {
-        let payload = match result {
-            Ok(v) => {
-                if contains_local_function(&v) {
-                    return Err(EngineError::CallbackInReply);
-                }
-                Ok(v)
-            }
+        let a = self.active.get(&id).ok_or(EngineError::UnknownInvocation)?;
+        let mut payload = match result {
+            Ok(v) => Ok(v),
             Err(e) => Err(e.to_value()),
         };
+        // Returned local functions and generators live in a new session that only the caller
+        // may call (Python: the callee's `S'`, PROTOCOL.md §5.4).
+        if let Ok(v) = &mut payload {
+            if contains_local_function(v) && !a.cancelled && !matches!(a.route, Route::None) {
+                let max = self.config.limits.max_exports;
+                if self.exports.len() >= max {
+                    return Err(EngineError::LimitReached { what: "sessions of returned functions", max });
+                }
+                let peer = a.caller.clone();
+                let s = self.rng.short_id();
+                let mut locals = Locals::default();
+                self.replace_locals(v, &s, true, &mut locals);
+                let export = Export {
+                    peer,
+                    functions: locals.functions,
+                    generators: locals.generators,
+                    last_used: now,
+                };
+                self.exports.insert(s, export);
+            }
+        }
         let a = self.active.remove(&id).ok_or(EngineError::UnknownInvocation)?;
         if let Some(t) = a.beat_at {
             self.beats.remove(&(t, id));
+        }
+        if let (Some((s, key)), Ok(v)) = (&a.generator, &payload) {
+            if is_stop_iteration(v) {
+                self.forget_generator(s, key);
+            }
         }
         if a.cancelled {
             return Ok(());
@@ -727,6 +808,30 @@ impl Engine {
             self.send_reply(now, to, a.session, encode_frame(&frame))?;
         }
         Ok(())
+    }
+
+    /// Consumes one item of a remote generator (from a `_rtype: "generator"` value). The call
+    /// resolves with the item, or with a value for which [`is_stop_iteration`] holds at the end.
+    pub fn generator_next(&mut self, now: Instant, generator: &Generator) -> Result<CallId, EngineError> {
+        let next = Method {
+            target: generator.target.clone(),
+            method: generator.method.clone(),
+            promise: Some(PromiseMode::Compact),
+            ..Method::default()
+        };
+        self.call(now, &next, Vec::new(), None, CallOptions::default())
+    }
+
+    /// Closes a remote generator early so its producer frees it.
+    pub fn generator_close(&mut self, now: Instant, generator: &Generator) -> Result<CallId, EngineError> {
+        let method = generator.close_method.clone().unwrap_or_else(|| format!("{}:close", generator.method));
+        let close = Method {
+            target: generator.target.clone(),
+            method,
+            promise: Some(PromiseMode::Compact),
+            ..Method::default()
+        };
+        self.call(now, &close, Vec::new(), None, CallOptions::default())
     }
 
     /// Closes for good: fails every pending call ([`CallError::Closed`]), drops invocations, and
@@ -934,52 +1039,94 @@ impl Engine {
         let (route, interval) = self.promise_route(extra, &from, session.as_deref())?;
 
         // Resolve the method path.
+        let mut generator_key = None;
         let target = if let Some(rest) = method.strip_prefix("services.") {
             let (svc, path) = rest.split_once('.').unwrap_or((rest, ""));
             self.resolve_service_call(&from, &remote_ws, svc, path, &method)
         } else {
             let (s, rest) = method.split_once('.').unwrap_or((method.as_str(), ""));
-            match self.sessions.get(s) {
-                None if matches!(rest, "resolve" | "reject" | "heartbeat") => return Ok(()), // late reply
-                None => Err(format!("Session not found: {from}:{method}")),
-                Some(p) if p.target != from => {
+            if let Some(x) = self.exports.get_mut(s) {
+                // A function or generator we returned earlier.
+                x.last_used = now;
+                if x.peer != from {
                     Err(format!("Access denied for method call ({method}) from {from}"))
-                }
-                Some(p) => match rest {
-                    "heartbeat" => {
-                        let (old, timeout) = (p.deadline, p.timeout);
-                        let deadline = now + timeout;
-                        let key = s.to_string();
-                        self.deadlines.remove(&(old, key.clone()));
-                        self.deadlines.insert((deadline, key.clone()));
-                        if let Some(p) = self.sessions.get_mut(&key) {
-                            p.deadline = deadline;
-                        }
-                        return Ok(());
+                } else if let Some(key) = rest.strip_suffix(":close") {
+                    let found = x.generators.iter().position(|(k, _)| k == key);
+                    let closed = found.map(|i| x.generators.remove(i).1);
+                    let s = s.to_string();
+                    self.drop_export_if_empty(&s);
+                    if let Some(generator) = closed {
+                        self.events.push_back(Event::GeneratorClosed { generator });
                     }
-                    "resolve" | "reject" => {
-                        let mut value =
-                            extra.get("args").and_then(Value::as_array).and_then(|a| a.first()).cloned();
-                        if let Some(v) = &mut value {
-                            if sanitize_incoming(v, &remote_ws).is_err() {
-                                let err = CallError::BadReply("reply carries a reserved ext value".into());
-                                self.settle(now, s.to_string(), Err(err));
-                                return Ok(());
+                    // Closing twice, or after the end, is harmless (`true`, as Python).
+                    return self.answer_now(now, &route, &from, session.as_deref(), Ok(Value::Bool(true)));
+                } else if let Some((_, g)) = x.generators.iter().find(|(k, _)| k == rest) {
+                    generator_key = Some((s.to_string(), rest.to_string()));
+                    Ok(Some(InvokeTarget::GeneratorNext { generator: *g }))
+                } else if let Some((_, f)) = x.functions.iter().find(|(k, _)| k == rest) {
+                    Ok(Some(InvokeTarget::Returned { function: *f }))
+                } else {
+                    Err(format!("Method expired or not found: {from}:{method}"))
+                }
+            } else {
+                match self.sessions.get(s) {
+                    None if matches!(rest, "resolve" | "reject" | "heartbeat") => return Ok(()), // late reply
+                    None => Err(format!("Session not found: {from}:{method}")),
+                    Some(p) if p.target != from => {
+                        Err(format!("Access denied for method call ({method}) from {from}"))
+                    }
+                    Some(p) => match rest {
+                        "heartbeat" => {
+                            let key = s.to_string();
+                            self.touch_session(now, &key, true);
+                            return Ok(());
+                        }
+                        "resolve" | "reject" => {
+                            let mut value =
+                                extra.get("args").and_then(Value::as_array).and_then(|a| a.first()).cloned();
+                            if let Some(v) = &mut value {
+                                if sanitize_incoming(v, &remote_ws).is_err() {
+                                    let err =
+                                        CallError::BadReply("reply carries a reserved ext value".into());
+                                    self.settle(now, s.to_string(), Err(err));
+                                    return Ok(());
+                                }
+                            }
+                            let result = if rest == "resolve" {
+                                Ok(value.unwrap_or_default())
+                            } else {
+                                Err(remote_error(value.as_ref()))
+                            };
+                            self.settle(now, s.to_string(), result);
+                            return Ok(());
+                        }
+                        key => {
+                            if let Some((_, f)) = p.callbacks.iter().find(|(k, _)| k == key) {
+                                Ok(Some(InvokeTarget::Callback { function: *f, call: p.id }))
+                            } else if let Some((_, g)) = p.generators.iter().find(|(k, _)| k == key) {
+                                generator_key = Some((s.to_string(), key.to_string()));
+                                Ok(Some(InvokeTarget::GeneratorNext { generator: *g }))
+                            } else if let Some(k) = key.strip_suffix(":close") {
+                                let id = p.generators.iter().find(|(g, _)| g == k).map(|(_, id)| *id);
+                                if let Some(p) = self.sessions.get_mut(s) {
+                                    p.generators.retain(|(g, _)| g != k);
+                                }
+                                if let Some(generator) = id {
+                                    self.events.push_back(Event::GeneratorClosed { generator });
+                                }
+                                return self.answer_now(
+                                    now,
+                                    &route,
+                                    &from,
+                                    session.as_deref(),
+                                    Ok(Value::Bool(true)),
+                                );
+                            } else {
+                                Err(format!("Method expired or not found: {from}:{method}"))
                             }
                         }
-                        let result = if rest == "resolve" {
-                            Ok(value.unwrap_or_default())
-                        } else {
-                            Err(remote_error(value.as_ref()))
-                        };
-                        self.settle(now, s.to_string(), result);
-                        return Ok(());
-                    }
-                    key => match p.callbacks.iter().find(|(k, _)| k == key) {
-                        Some((_, f)) => Ok(Some(InvokeTarget::Callback { function: *f, call: p.id })),
-                        None => Err(format!("Method expired or not found: {from}:{method}")),
                     },
-                },
+                }
             }
         };
         let target = match target {
@@ -1073,7 +1220,9 @@ impl Engine {
                     connection_type: "websocket",
                 })
             }
-            InvokeTarget::Callback { .. } => None,
+            InvokeTarget::Callback { .. }
+            | InvokeTarget::Returned { .. }
+            | InvokeTarget::GeneratorNext { .. } => None,
         };
         self.next_invoke += 1;
         let id = InvokeId(self.next_invoke);
@@ -1093,6 +1242,7 @@ impl Engine {
                 interval,
                 beat_at,
                 cancelled: false,
+                generator: generator_key,
             },
         );
         self.events.push_back(Event::Invoke(Invocation {
@@ -1393,7 +1543,6 @@ impl Engine {
         let wants_reply = matches!(target.promise, Some(PromiseMode::Compact | PromiseMode::Full));
         let session = wants_reply.then(|| self.rng.short_id());
         let timeout = options.timeout.unwrap_or(self.config.method_timeout);
-        let me = self.me.to_string();
         let me_str = self.me.clone();
         let to = if target.target.contains('/') {
             target.target.clone()
@@ -1401,17 +1550,17 @@ impl Engine {
             format!("{}/{}", self.workspace(), target.target)
         };
 
-        // Local functions become callbacks kept in this call's session.
-        let mut callbacks = Vec::new();
+        // Local functions and generators live in this call's session until it settles.
+        let mut locals = Locals::default();
         let with_kwargs = kwargs.is_some();
         if let Some(kw) = kwargs {
             args.push(Value::Map(kw));
         }
         if args.iter().any(contains_local_function) {
             let Some(s) = &session else { return Err(EngineError::CallbackWithoutReply) };
-            let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
+            let s = s.clone();
             for a in &mut args {
-                self.replace_local_functions(a, s, &me, &server, &mut callbacks);
+                self.replace_locals(a, &s, false, &mut locals);
             }
         }
 
@@ -1485,7 +1634,8 @@ impl Engine {
                         timeout,
                         deadline,
                         internal,
-                        callbacks,
+                        callbacks: locals.functions,
+                        generators: locals.generators,
                     },
                 );
             }
@@ -1508,41 +1658,48 @@ impl Engine {
         Ok(())
     }
 
-    fn replace_local_functions(
-        &mut self,
-        v: &mut Value,
-        session: &str,
-        me: &str,
-        server: &str,
-        out: &mut Vec<(String, FnId)>,
-    ) {
+    /// Replaces [`local_function`] and [`local_generator`] placeholders in `v` with
+    /// descriptors living in session `session`, collecting them in `out`. `qualified`: write
+    /// `_rtarget` as `ws/client` (Python does in replies) or bare (in call arguments).
+    fn replace_locals(&mut self, v: &mut Value, session: &str, qualified: bool, out: &mut Locals) {
+        let me = self.me.to_string();
+        let target = if qualified { me.clone() } else { split_client(&me).1.to_string() };
+        let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
         if let Some((fid, name)) = parse_local_function(v) {
             let key =
                 if name.is_empty() { self.rng.short_id() } else { format!("{}#{name}", self.rng.short_id()) };
-            // Bare `_rtarget`, as Python writes it in call arguments: the receiver qualifies it
-            // with the workspace of the frame it arrived in, which is ours.
-            let bare = split_client(me).1;
             *v = Method {
-                target: bare.into(),
+                target,
                 method: format!("{session}.{key}"),
                 promise: Some(PromiseMode::Compact),
-                server: Some(server.into()),
+                server: Some(server),
                 name: Some(if name.is_empty() { "callback".into() } else { name }),
                 doc: Some(Value::Nil),
                 layout: MethodLayout::Callback,
                 ..Method::default()
             }
             .to_value();
-            out.push((key, fid));
+            out.functions.push((key, fid));
+            return;
+        }
+        if let Some(gid) = parse_local_generator(v) {
+            let key = self.rng.short_id();
+            *v = Generator {
+                server: Some(server),
+                target: me,
+                method: format!("{session}.{key}"),
+                close_method: Some(format!("{session}.{key}:close")),
+                promise: Some(PromiseMode::Compact),
+                doc: Some("Remote generator".into()),
+                other: Map::new(),
+            }
+            .to_value();
+            out.generators.push((key, gid));
             return;
         }
         match v {
-            Value::Array(a) => {
-                a.iter_mut().for_each(|x| self.replace_local_functions(x, session, me, server, out))
-            }
-            Value::Map(m) => {
-                m.iter_mut().for_each(|(_, x)| self.replace_local_functions(x, session, me, server, out))
-            }
+            Value::Array(a) => a.iter_mut().for_each(|x| self.replace_locals(x, session, qualified, out)),
+            Value::Map(m) => m.iter_mut().for_each(|(_, x)| self.replace_locals(x, session, qualified, out)),
             _ => {}
         }
     }
@@ -1723,9 +1880,48 @@ impl Engine {
         }
     }
 
+    /// Frees a generator that reached its end (in an export or a call's session).
+    fn forget_generator(&mut self, s: &str, key: &str) {
+        if let Some(x) = self.exports.get_mut(s) {
+            x.generators.retain(|(k, _)| k != key);
+            let s = s.to_string();
+            self.drop_export_if_empty(&s);
+        } else if let Some(p) = self.sessions.get_mut(s) {
+            p.generators.retain(|(k, _)| k != key);
+        }
+    }
+
+    fn drop_export_if_empty(&mut self, s: &str) {
+        if self.exports.get(s).is_some_and(|x| x.functions.is_empty() && x.generators.is_empty()) {
+            self.exports.remove(s);
+        }
+    }
+
+    /// Drops exports: of `peer` (it left), or idle past the expiry when `peer` is `None`.
+    fn drop_exports(&mut self, now: Instant, peer: Option<&str>) {
+        let expiry = self.config.limits.export_idle_expiry;
+        let dead: Vec<String> = self
+            .exports
+            .iter()
+            .filter(|(_, x)| match peer {
+                Some(p) => x.peer == p,
+                None => now >= x.last_used + expiry,
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in dead {
+            if let Some(x) = self.exports.remove(&s) {
+                for (_, generator) in x.generators {
+                    self.events.push_back(Event::GeneratorClosed { generator });
+                }
+            }
+        }
+    }
+
     /// A peer left: fail calls to it, drop invocations from it.
     fn peer_gone(&mut self, now: Instant, peer: &str) {
         self.reassembly.forget_owner(peer);
+        self.drop_exports(now, Some(peer));
         let dead: Vec<String> =
             self.sessions.iter().filter(|(_, p)| p.target == peer).map(|(s, _)| s.clone()).collect();
         for s in dead {
@@ -1755,7 +1951,7 @@ fn remote_error(v: Option<&Value>) -> CallError {
 /// (PROTOCOL.md §4.3), and our reserved placeholder ext is refused.
 fn sanitize_incoming(v: &mut Value, ws: &str) -> Result<(), ()> {
     match v {
-        Value::Ext(LOCAL_FUNCTION_EXT, _) => Err(()),
+        Value::Ext(LOCAL_FUNCTION_EXT | LOCAL_GENERATOR_EXT, _) => Err(()),
         Value::Array(a) => a.iter_mut().try_for_each(|x| sanitize_incoming(x, ws)),
         Value::Map(m) => {
             let callable = matches!(m.get("_rtype").and_then(Value::as_str), Some("method" | "generator"));
@@ -1788,7 +1984,7 @@ fn split_kwargs(extra: &Map) -> (&[Value], Option<&Map>) {
 
 fn contains_local_function(v: &Value) -> bool {
     match v {
-        Value::Ext(LOCAL_FUNCTION_EXT, _) => true,
+        Value::Ext(LOCAL_FUNCTION_EXT | LOCAL_GENERATOR_EXT, _) => true,
         Value::Array(a) => a.iter().any(contains_local_function),
         Value::Map(m) => m.iter().any(|(k, x)| contains_local_function(k) || contains_local_function(x)),
         _ => false,

@@ -22,6 +22,11 @@ pub struct InvokeId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FnId(pub u64);
 
+/// Names a local generator the driver passed or returned (see
+/// [`local_generator`](crate::engine::local_generator)). Chosen by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GenId(pub u64);
+
 /// One whole websocket message for the driver to send, or a request to close the socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transmit {
@@ -40,6 +45,7 @@ pub enum Transmit {
 
 /// Which local code an [`Invocation`] should run.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InvokeTarget {
     /// A function of a service we registered.
     Service {
@@ -54,6 +60,18 @@ pub enum InvokeTarget {
         function: FnId,
         /// The call whose arguments carried it.
         call: CallId,
+    },
+    /// A local function we returned in a reply.
+    Returned {
+        /// The driver's id for the function.
+        function: FnId,
+    },
+    /// The peer asks local generator `generator` for its next item. Reply with the item, or
+    /// with [`StopIteration`](crate::codec::rtype::StopIteration)`.to_value()` at the end
+    /// (the engine then forgets the generator); an error reply leaves it open, as in Python.
+    GeneratorNext {
+        /// The driver's id for the generator.
+        generator: GenId,
     },
 }
 
@@ -168,6 +186,12 @@ pub enum Event {
     InvokeCancelled {
         /// The invocation.
         id: InvokeId,
+    },
+    /// The consumer of local generator `generator` closed it early, left, or let it sit idle
+    /// too long: drop it. Fires at most once per generator, never after it reached its end.
+    GeneratorClosed {
+        /// The driver's id for the generator.
+        generator: GenId,
     },
     /// The server announced that a client of our workspace left.
     PeerDisconnected {

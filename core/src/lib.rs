@@ -52,7 +52,7 @@ pub mod value;
 pub use connection::ConnectionInfo;
 pub use engine::{CallOptions, Engine, EngineConfig};
 pub use error::{CallError, ConnectError, EngineError, InputError};
-pub use event::{CallId, Context, Event, FnId, Invocation, InvokeId, InvokeTarget, Transmit};
+pub use event::{CallId, Context, Event, FnId, GenId, Invocation, InvokeId, InvokeTarget, Transmit};
 pub use limits::Limits;
 pub use service::{FunctionSpec, RequireContext, ServiceSpec, Visibility};
 pub use value::{Integer, Map, Str, Value};

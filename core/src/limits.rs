@@ -48,6 +48,11 @@ pub struct Limits {
     /// A partial message with no new chunk for this long is dropped (its sender vanished).
     /// Default 120 s.
     pub partial_message_expiry: Duration,
+    /// Most sessions holding functions or generators we returned. Default 1024.
+    pub max_exports: usize,
+    /// Returned functions and generators nobody called for this long are dropped (Python's
+    /// session GC uses 600 s). Default 600 s.
+    pub export_idle_expiry: Duration,
 }
 
 impl Limits {
@@ -78,6 +83,8 @@ impl Default for Limits {
             max_chunks_per_message: 65_536,
             max_partial_messages: 64,
             partial_message_expiry: Duration::from_secs(120),
+            max_exports: 1024,
+            export_idle_expiry: Duration::from_secs(600),
         }
     }
 }
