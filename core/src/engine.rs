@@ -186,7 +186,12 @@ enum Internal {
     Builtin,
     Subscribe,
     Restore(String),
-    Chunk { upload: u64, step: ChunkStep },
+    Chunk {
+        upload: u64,
+        step: ChunkStep,
+    },
+    /// An unregistration the user made while the link was down (best effort).
+    Unregister,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +237,9 @@ struct Pending {
     internal: Option<Internal>,
     callbacks: Vec<(String, FnId)>,
     generators: Vec<(String, GenId)>,
+    /// For a user's `register_service`: the service, so a registration cut off by a
+    /// disconnection is redone (and settled) after the reconnection.
+    registers: Option<String>,
 }
 
 /// Local functions and generators we returned in a reply, kept in a session of ours that
@@ -318,6 +326,7 @@ pub struct Engine {
     reconnection_token: Option<String>,
     services: Vec<ServiceSpec>,
     deferred_registrations: Vec<(CallId, String)>,
+    deferred_unregistrations: Vec<String>,
     sessions: BTreeMap<String, Pending>,
     deadlines: BTreeSet<(Instant, String)>,
     active: BTreeMap<InvokeId, Active>,
@@ -326,7 +335,9 @@ pub struct Engine {
     next_invoke: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
-    backlog: VecDeque<Bytes>,
+    /// Frames waiting for the connection, with the session of the call each belongs to (a
+    /// frame whose call settled meanwhile is dropped, never sent late).
+    backlog: VecDeque<(Option<String>, Bytes)>,
     next_ping: Option<Instant>,
     next_refresh: Option<Instant>,
     ever_ready: bool,
@@ -356,6 +367,7 @@ impl Engine {
             reconnection_token: None,
             services: Vec::new(),
             deferred_registrations: Vec::new(),
+            deferred_unregistrations: Vec::new(),
             sessions: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             active: BTreeMap::new(),
@@ -492,7 +504,19 @@ impl Engine {
                 let unsent: Vec<_> = self.transmits.drain(..).collect();
                 for t in unsent.into_iter().rev() {
                     if let Transmit::Binary(b) = t {
-                        self.backlog.push_front(b);
+                        self.backlog.push_front((None, b));
+                    }
+                }
+                // A user's registration cut off here is redone, and settled, after reconnecting.
+                let cut: Vec<String> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, p)| p.registers.is_some())
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                for s in cut {
+                    if let Some(p) = self.forget_session(&s) {
+                        self.deferred_registrations.push((p.id, p.registers.unwrap_or_default()));
                     }
                 }
                 // The engine's own calls are redone on the next connection.
@@ -723,7 +747,11 @@ impl Engine {
         if self.state == State::Ready {
             let info = self.register_info(&id);
             let target = self.manager_method("register_service")?;
-            self.call_inner(now, &target, vec![info], None, CallOptions::default(), None)
+            let call = self.call_inner(now, &target, vec![info], None, CallOptions::default(), None)?;
+            if let Some(p) = self.sessions.values_mut().find(|p| p.id == call) {
+                p.registers = Some(id);
+            }
+            Ok(call)
         } else {
             let call = self.new_call_id();
             self.deferred_registrations.push((call, id));
@@ -744,7 +772,12 @@ impl Engine {
                 let full = format!("{}/{}:{id}", info.workspace, info.client_id);
                 self.call_manager(now, "unregister_service", vec![full.into()], None)
             }
-            _ => {
+            other => {
+                // Done locally; the manager hears of it after the reconnection (a half-open
+                // old connection may still hold the registration server-side).
+                if let Some(info) = other {
+                    self.deferred_unregistrations.push(format!("{}/{}:{id}", info.workspace, info.client_id));
+                }
                 let call = self.new_call_id();
                 self.events.push_back(Event::CallSettled { id: call, result: Ok(Value::Nil) });
                 Ok(call)
@@ -935,26 +968,38 @@ impl Engine {
                 Some(Internal::Subscribe),
             );
         }
+        // Unregistrations made while the link was down, then every service we serve: each
+        // user registration made or cut off meanwhile settles with its own call, the rest are
+        // restored by the engine.
+        for full in core::mem::take(&mut self.deferred_unregistrations) {
+            if let Ok(t) = self.manager_method("unregister_service") {
+                let internal = Some(Internal::Unregister);
+                let _ = self.call_inner(now, &t, vec![full.into()], None, CallOptions::default(), internal);
+            }
+        }
         let deferred = core::mem::take(&mut self.deferred_registrations);
         let ids: Vec<String> = self.services.iter().map(|s| s.id.clone()).collect();
         for id in ids {
             let info = self.register_info(&id);
             let Ok(target) = self.manager_method("register_service") else { continue };
-            match deferred.iter().find(|(_, d)| *d == id) {
-                Some((call, _)) => {
-                    let _ = self.call_with_id(
-                        now,
-                        *call,
-                        &target,
-                        vec![info],
-                        None,
-                        CallOptions::default(),
-                        None,
-                    );
-                }
-                None => {
-                    let internal = Some(Internal::Restore(id));
-                    let _ = self.call_inner(now, &target, vec![info], None, CallOptions::default(), internal);
+            let mut calls = deferred.iter().filter(|(_, d)| *d == id).map(|(c, _)| *c).peekable();
+            if calls.peek().is_none() {
+                let internal = Some(Internal::Restore(id));
+                let _ = self.call_inner(now, &target, vec![info], None, CallOptions::default(), internal);
+                continue;
+            }
+            for call in calls {
+                let _ = self.call_with_id(
+                    now,
+                    call,
+                    &target,
+                    vec![info.clone()],
+                    None,
+                    CallOptions::default(),
+                    None,
+                );
+                if let Some(p) = self.sessions.values_mut().find(|p| p.id == call) {
+                    p.registers = Some(id.clone());
                 }
             }
         }
@@ -964,8 +1009,10 @@ impl Engine {
                 self.events.push_back(Event::CallSettled { id: call, result: Ok(Value::Nil) });
             }
         }
-        while let Some(b) = self.backlog.pop_front() {
-            self.transmits.push_back(Transmit::Binary(b));
+        while let Some((session, b)) = self.backlog.pop_front() {
+            if session.is_none_or(|s| self.sessions.contains_key(&s)) {
+                self.transmits.push_back(Transmit::Binary(b));
+            }
         }
     }
 
@@ -1614,12 +1661,12 @@ impl Engine {
             Some(Internal::Builtin | Internal::Subscribe | Internal::Restore(_)) => {
                 self.transmits.push_back(Transmit::Binary(bytes))
             }
-            Some(Internal::Chunk { .. }) => self.send(bytes)?,
+            Some(Internal::Chunk { .. } | Internal::Unregister) => self.send(bytes)?,
             None if bytes.len() > self.chunk_threshold() => {
                 let key = self.rng.short_id();
                 self.start_upload(now, to.clone(), key, false, bytes, session.clone())?;
             }
-            None => self.send(bytes)?,
+            None => self.send_for(session.as_deref(), bytes)?,
         }
         match session {
             Some(s) => {
@@ -1636,6 +1683,7 @@ impl Engine {
                         internal,
                         callbacks: locals.functions,
                         generators: locals.generators,
+                        registers: None,
                     },
                 );
             }
@@ -1646,6 +1694,12 @@ impl Engine {
 
     /// Sends a user frame now, or queues it until the connection is back.
     fn send(&mut self, bytes: Bytes) -> Result<(), EngineError> {
+        self.send_for(None, bytes)
+    }
+
+    /// Like [`Engine::send`], for a frame of the call with session `session`: if that call
+    /// settles (times out) while the frame waits, the frame is dropped.
+    fn send_for(&mut self, session: Option<&str>, bytes: Bytes) -> Result<(), EngineError> {
         if self.state == State::Ready {
             self.transmits.push_back(Transmit::Binary(bytes));
             return Ok(());
@@ -1654,7 +1708,7 @@ impl Engine {
         if self.backlog.len() >= max {
             return Err(EngineError::LimitReached { what: "queued frames", max });
         }
-        self.backlog.push_back(bytes);
+        self.backlog.push_back((session.map(String::from), bytes));
         Ok(())
     }
 
@@ -1752,6 +1806,7 @@ impl Engine {
                 }
             }
             Some(Internal::Chunk { upload, step }) => self.upload_progress(now, upload, step, result),
+            Some(Internal::Unregister) => {}
         }
     }
 

@@ -1173,7 +1173,6 @@ fn registrations_made_while_disconnected_are_sent_after_reconnecting() {
 }
 
 #[test]
-#[ignore = "engine bug: a service registered twice while disconnected leaves the second register_service call unsettled for ever"]
 fn registering_the_same_service_twice_while_disconnected_settles_both_calls() {
     let (mut sim, a, _b) = world();
     sim.drop_link(a);
@@ -1188,7 +1187,6 @@ fn registering_the_same_service_twice_while_disconnected_settles_both_calls() {
 }
 
 #[test]
-#[ignore = "engine bug: a register_service call in flight when the link drops times out although the engine re-registers the service"]
 fn a_registration_in_flight_when_the_link_drops_reports_the_restored_registration() {
     let (mut sim, a, _b) = world();
     let fa = sim.full_id(a);
@@ -1206,7 +1204,6 @@ fn a_registration_in_flight_when_the_link_drops_reports_the_restored_registratio
 }
 
 #[test]
-#[ignore = "engine bug: a call that already failed with Timeout while disconnected is still sent after the reconnection"]
 fn a_call_that_timed_out_while_disconnected_is_not_sent_later() {
     let (mut sim, a, b) = world();
     let (spec, handlers) = echo_service("echo");
@@ -1232,7 +1229,6 @@ fn a_call_that_timed_out_while_disconnected_is_not_sent_later() {
 }
 
 #[test]
-#[ignore = "engine bug: unregister_service while disconnected never tells the manager, so a half-open connection's registration survives the reconnection"]
 fn unregistering_while_disconnected_leaves_no_stale_registration() {
     let (mut sim, a, b) = world();
     let fa = sim.full_id(a);
