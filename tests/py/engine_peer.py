@@ -38,6 +38,19 @@ async def call_callback(cb, n):
     return [await cb(i) for i in range(n)]
 
 
+def sync_gen(n):
+    """Sync generator yielding 0..n-1."""
+    for i in range(n):
+        yield i
+
+
+async def async_gen(n):
+    """Async generator yielding i*i."""
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i * i
+
+
 def whoami(context=None):
     """Return who called, from the server-set context."""
     return {"from": context["from"], "ws": context["ws"], "user_id": context["user"]["id"]}
@@ -65,6 +78,8 @@ async def main(url):
             "raise_error": raise_error,
             "call_callback": call_callback,
             "whoami": whoami,
+            "sync_gen": sync_gen,
+            "async_gen": async_gen,
         }
     )
     token = await peer.generate_token()
@@ -78,6 +93,13 @@ async def main(url):
     back = await svc.echo(big)
     results["big_echo_ok"] = back == big
     results["add"] = await svc.add(40, 2)
+    results["count"] = [x async for x in await svc.count(4)]
+    early = []
+    async for x in await svc.count(100):
+        early.append(x)
+        if len(early) == 2:
+            break
+    results["count_early"] = early
     results["greet"] = await svc.greet(name="Ada")
     results["whoami"] = plain(await svc.whoami())
     try:

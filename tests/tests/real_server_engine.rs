@@ -7,11 +7,11 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration as StdDuration;
 
-use hypha_rpc_core::codec::rtype::{Method, RTypeCodec, RemoteError};
-use hypha_rpc_core::engine::local_function;
+use hypha_rpc_core::codec::rtype::{Generator, Method, RTypeCodec, RemoteError, StopIteration};
+use hypha_rpc_core::engine::{is_stop_iteration, local_function, local_generator};
 use hypha_rpc_core::{
-    CallError, CallOptions, EngineConfig, FnId, FunctionSpec, InvokeTarget, Map, RequireContext, ServiceSpec,
-    Value, Visibility,
+    CallError, CallOptions, EngineConfig, FnId, FunctionSpec, GenId, InvokeTarget, Map, RequireContext,
+    ServiceSpec, Value, Visibility,
 };
 use hypha_rpc_tests::server::HyphaServer;
 use hypha_rpc_tests::ws_driver::WsClient;
@@ -85,6 +85,30 @@ fn engine_talks_to_python_through_the_real_server() {
     let r = call(&mut c, "call_callback", vec![local_function(FnId(7), "times_ten"), 3.into()], None);
     assert_eq!(r, Ok(Value::Array(vec![0.into(), 10.into(), 20.into()])));
 
+    // Python's generators, sync and async, consumed here; one closed early.
+    let gen_of = |v: Value| Generator::from_value(&v).expect("a generator").expect("valid");
+    for (name, want) in [("sync_gen", vec![0i64, 1, 2]), ("async_gen", vec![0, 1, 4])] {
+        let g = gen_of(call(&mut c, name, vec![3.into()], None).unwrap());
+        let mut items = Vec::new();
+        loop {
+            let now = c.now();
+            let id = c.engine.generator_next(now, &g).unwrap();
+            let v = c.wait(id, WAIT).expect("next item");
+            if is_stop_iteration(&v) {
+                break;
+            }
+            items.push(v.as_i64().unwrap());
+        }
+        assert_eq!(items, want, "{name}");
+    }
+    let g = gen_of(call(&mut c, "sync_gen", vec![100.into()], None).unwrap());
+    let now = c.now();
+    let id = c.engine.generator_next(now, &g).unwrap();
+    assert_eq!(c.wait(id, WAIT), Ok(Value::from(0)));
+    let now = c.now();
+    let id = c.engine.generator_close(now, &g).unwrap();
+    assert_eq!(c.wait(id, WAIT), Ok(Value::Bool(true)), "Python closes its generator");
+
     // Python calls us.
     let svc = ServiceSpec::new("rust-svc")
         .visibility(Visibility::Public)
@@ -93,13 +117,25 @@ fn engine_talks_to_python_through_the_real_server() {
         .function("add", FunctionSpec::new("add"))
         .function("greet", FunctionSpec::new("greet"))
         .function("whoami", FunctionSpec::new("whoami"))
-        .function("fail", FunctionSpec::new("fail"));
+        .function("fail", FunctionSpec::new("fail"))
+        .function("count", FunctionSpec::new("count"));
     let now = c.now();
     let reg = c.engine.register_service(now, svc).unwrap();
     c.wait(reg, WAIT).expect("register_service");
-    c.handler = Some(Box::new(|inv| {
-        let InvokeTarget::Service { function, .. } = &inv.target else { unreachable!() };
-        match function.as_str() {
+    let mut positions = std::collections::BTreeMap::<u64, u64>::new();
+    c.handler = Some(Box::new(move |inv| {
+        let function = match &inv.target {
+            InvokeTarget::Service { function, .. } => function.as_str(),
+            InvokeTarget::GeneratorNext { generator } => {
+                // Generator `GenId(n)` yields 0..n.
+                let at = positions.entry(generator.0).or_default();
+                *at += 1;
+                return Ok(if *at <= generator.0 { Value::from(*at - 1) } else { StopIteration.to_value() });
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        match function {
+            "count" => Ok(local_generator(GenId(inv.args[0].as_u64().unwrap()))),
             "echo" => Ok(inv.args[0].clone()),
             "add" => Ok(Value::from(inv.args[0].as_i64().unwrap() + inv.args[1].as_i64().unwrap())),
             "greet" => {
@@ -129,6 +165,8 @@ fn engine_talks_to_python_through_the_real_server() {
     let r = &results["results"];
     assert_eq!(r["echo"], serde_json::json!({"a": [1, 2.5, null, "x"], "b": {"bytes": [0, 1]}}));
     assert_eq!(r["add"], 42);
+    assert_eq!(r["count"], serde_json::json!([0, 1, 2, 3]), "Python consumed our generator");
+    assert_eq!(r["count_early"], serde_json::json!([0, 1]));
     assert_eq!(r["big_echo_ok"], true, "Python's 600 kB echo through our message_cache and back");
     assert_eq!(r["greet"], "Hello, Ada!");
     assert_eq!(r["whoami"]["from"], format!("{workspace}/py-peer"));
@@ -145,5 +183,12 @@ fn engine_talks_to_python_through_the_real_server() {
         "client_disconnected for py-peer"
     );
     assert_eq!(c.engine.active_invocations(), 0);
+    assert!(
+        c.events
+            .iter()
+            .any(|e| matches!(e, hypha_rpc_core::Event::GeneratorClosed { generator: GenId(100) })),
+        "Python's early break closed our generator"
+    );
+    assert_eq!(c.engine.exports(), 0, "no generator or returned function left behind");
     println!("real server: {} events, all calls settled", c.events.len());
 }
