@@ -118,6 +118,8 @@ pub struct EngineConfig {
     pub token: Option<String>,
     /// How long a call may go without reply or heartbeat. Default 30 s (`t` = 15.0).
     pub method_timeout: Duration,
+    /// Timeout of calls to `_rintf` interface methods. Default 10 s (`t` = 5.0), as Python.
+    pub rintf_timeout: Duration,
     /// Interval of the `{"type": "ping"}` keep-alive. Default 20 s (the server cuts idle links
     /// at 600 s).
     pub ping_interval: Duration,
@@ -146,6 +148,7 @@ impl EngineConfig {
             workspace: None,
             token: None,
             method_timeout: Duration::from_secs(30),
+            rintf_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(30),
             token_refresh_interval: Duration::from_secs(7200),
@@ -255,8 +258,20 @@ struct Export {
 /// What `replace_locals` found in a value.
 #[derive(Debug, Default)]
 struct Locals {
+    /// The peer the value goes to: the only one allowed to call `_rintf` interfaces in it.
+    peer: String,
     functions: Vec<(String, FnId)>,
     generators: Vec<(String, GenId)>,
+    /// Set when an interface could not be created (limit reached).
+    error: Option<EngineError>,
+}
+
+/// A `_rintf` object we sent: a local-only service `_rintf_<id>` that only `peer` may call,
+/// until it calls `_dispose`, leaves, or we reconnect (PROTOCOL.md §9).
+#[derive(Debug)]
+struct Interface {
+    peer: String,
+    functions: Vec<(String, FnId)>,
 }
 
 /// Where the replies of an incoming call go (PROTOCOL.md §5.2).
@@ -346,6 +361,7 @@ pub struct Engine {
     uploads: BTreeMap<u64, Upload>,
     next_upload: u64,
     exports: BTreeMap<String, Export>,
+    interfaces: BTreeMap<String, Interface>,
 }
 
 /// Chunk uploads in flight per message, as the Python client does.
@@ -385,6 +401,7 @@ impl Engine {
             uploads: BTreeMap::new(),
             next_upload: 0,
             exports: BTreeMap::new(),
+            interfaces: BTreeMap::new(),
         }
     }
 
@@ -409,6 +426,10 @@ impl Engine {
     /// Invocations not yet answered.
     pub fn active_invocations(&self) -> usize {
         self.active.len()
+    }
+    /// `_rintf` interfaces we sent that are still alive.
+    pub fn interfaces(&self) -> usize {
+        self.interfaces.len()
     }
     /// Sessions holding functions or generators we returned in replies.
     pub fn exports(&self) -> usize {
@@ -529,6 +550,8 @@ impl Engine {
                 for s in internal {
                     self.forget_session(&s);
                 }
+                // `_rintf` services die with the connection: no zombies on the server or here.
+                self.drop_interfaces(None);
                 self.events.push_back(Event::Disconnected { code, reason: reason.into() });
             }
             State::Idle | State::Closed => {}
@@ -808,15 +831,20 @@ impl Engine {
                 }
                 let peer = a.caller.clone();
                 let s = self.rng.short_id();
-                let mut locals = Locals::default();
+                let mut locals = Locals { peer: peer.clone(), ..Locals::default() };
                 self.replace_locals(v, &s, true, &mut locals);
-                let export = Export {
-                    peer,
-                    functions: locals.functions,
-                    generators: locals.generators,
-                    last_used: now,
-                };
-                self.exports.insert(s, export);
+                if let Some(e) = locals.error {
+                    return Err(e);
+                }
+                if !locals.functions.is_empty() || !locals.generators.is_empty() {
+                    let export = Export {
+                        peer,
+                        functions: locals.functions,
+                        generators: locals.generators,
+                        last_used: now,
+                    };
+                    self.exports.insert(s, export);
+                }
             }
         }
         let a = self.active.remove(&id).ok_or(EngineError::UnknownInvocation)?;
@@ -1087,7 +1115,29 @@ impl Engine {
 
         // Resolve the method path.
         let mut generator_key = None;
-        let target = if let Some(rest) = method.strip_prefix("services.") {
+        let target = if let Some(rest) = method.strip_prefix("services._rintf_") {
+            let (svc, path) = rest.split_once('.').unwrap_or((rest, ""));
+            let svc = format!("_rintf_{svc}");
+            match self.interfaces.get(&svc) {
+                // Only the peer it was sent to: stricter than Python, which lets any client of
+                // our workspace call it.
+                Some(i) if i.peer != from => {
+                    Err(format!("Permission denied for invoking protected method {method}"))
+                }
+                Some(_) if path == "_dispose" => {
+                    if let Some(i) = self.interfaces.remove(&svc) {
+                        let functions = i.functions.into_iter().map(|(_, f)| f).collect();
+                        self.events.push_back(Event::InterfaceDisposed { service: svc, functions });
+                    }
+                    return self.answer_now(now, &route, &from, session.as_deref(), Ok(Value::Nil));
+                }
+                Some(i) => match i.functions.iter().find(|(k, _)| k == path) {
+                    Some((_, f)) => Ok(Some(InvokeTarget::Interface { service: svc.clone(), function: *f })),
+                    None => Err(format!("Method expired or not found: {from}:{method}")),
+                },
+                None => Err(format!("Method expired or not found: {from}:{method}")),
+            }
+        } else if let Some(rest) = method.strip_prefix("services.") {
             let (svc, path) = rest.split_once('.').unwrap_or((rest, ""));
             self.resolve_service_call(&from, &remote_ws, svc, path, &method)
         } else {
@@ -1267,9 +1317,7 @@ impl Engine {
                     connection_type: "websocket",
                 })
             }
-            InvokeTarget::Callback { .. }
-            | InvokeTarget::Returned { .. }
-            | InvokeTarget::GeneratorNext { .. } => None,
+            _ => None,
         };
         self.next_invoke += 1;
         let id = InvokeId(self.next_invoke);
@@ -1589,7 +1637,12 @@ impl Engine {
         }
         let wants_reply = matches!(target.promise, Some(PromiseMode::Compact | PromiseMode::Full));
         let session = wants_reply.then(|| self.rng.short_id());
-        let timeout = options.timeout.unwrap_or(self.config.method_timeout);
+        let default = if target.method.contains("_rintf_") {
+            self.config.rintf_timeout
+        } else {
+            self.config.method_timeout
+        };
+        let timeout = options.timeout.unwrap_or(default);
         let me_str = self.me.clone();
         let to = if target.target.contains('/') {
             target.target.clone()
@@ -1598,7 +1651,7 @@ impl Engine {
         };
 
         // Local functions and generators live in this call's session until it settles.
-        let mut locals = Locals::default();
+        let mut locals = Locals { peer: to.clone(), ..Locals::default() };
         let with_kwargs = kwargs.is_some();
         if let Some(kw) = kwargs {
             args.push(Value::Map(kw));
@@ -1608,6 +1661,9 @@ impl Engine {
             let s = s.clone();
             for a in &mut args {
                 self.replace_locals(a, &s, false, &mut locals);
+            }
+            if let Some(e) = locals.error.take() {
+                return Err(e);
             }
         }
 
@@ -1751,10 +1807,82 @@ impl Engine {
             out.generators.push((key, gid));
             return;
         }
+        if let Value::Map(m) = v {
+            if m.get("_rintf") == Some(&Value::Bool(true))
+                && m.values().any(|x| parse_local_function(x).is_some())
+            {
+                self.make_interface(m, session, qualified, out);
+                return;
+            }
+        }
         match v {
             Value::Array(a) => a.iter_mut().for_each(|x| self.replace_locals(x, session, qualified, out)),
             Value::Map(m) => m.iter_mut().for_each(|(_, x)| self.replace_locals(x, session, qualified, out)),
             _ => {}
+        }
+    }
+
+    /// Turns a `_rintf: true` map into a local-only `_rintf_<id>` service callable only by
+    /// `out.peer`, written as Python writes it: functions as service descriptors, then
+    /// `_dispose` and `_rintf_service_id`.
+    fn make_interface(&mut self, m: &mut Map, session: &str, qualified: bool, out: &mut Locals) {
+        let max = self.config.limits.max_interfaces;
+        if self.interfaces.len() >= max {
+            out.error = Some(EngineError::LimitReached { what: "_rintf interfaces", max });
+            return;
+        }
+        let sid = format!("_rintf_{}", self.rng.short_id());
+        let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
+        let me = self.me.to_string();
+        let descriptor = |name: &str, key: &str, is_async: bool| {
+            Method {
+                target: me.clone(),
+                method: format!("services.{sid}.{key}"),
+                promise: Some(PromiseMode::Compact),
+                server: Some(server.clone()),
+                name: Some(name.into()),
+                is_async: Some(is_async),
+                doc: Some(Value::Nil),
+                ..Method::default()
+            }
+            .to_value()
+        };
+        let mut functions = Vec::new();
+        let mut encoded = Map::with_capacity(m.len() + 2);
+        for (k, x) in core::mem::take(m) {
+            let key = k.as_str().map(String::from);
+            match (key, parse_local_function(&x)) {
+                (Some(key), Some((fid, name))) if !key.starts_with('_') => {
+                    let name = if name.is_empty() { key.clone() } else { name };
+                    encoded.push(k, descriptor(&name, &key, false));
+                    functions.push((key, fid));
+                }
+                _ => {
+                    let mut x = x;
+                    self.replace_locals(&mut x, session, qualified, out);
+                    encoded.push(k, x);
+                }
+            }
+        }
+        encoded.insert("_dispose", descriptor("_dispose", "_dispose", true));
+        encoded.insert("_rintf_service_id", sid.as_str());
+        *m = encoded;
+        self.interfaces.insert(sid, Interface { peer: out.peer.clone(), functions });
+    }
+
+    /// Drops interfaces (all, or those of `peer`), telling the driver which functions died.
+    fn drop_interfaces(&mut self, peer: Option<&str>) {
+        let dead: Vec<String> = self
+            .interfaces
+            .iter()
+            .filter(|(_, i)| peer.is_none_or(|p| i.peer == p))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in dead {
+            if let Some(i) = self.interfaces.remove(&s) {
+                let functions = i.functions.into_iter().map(|(_, f)| f).collect();
+                self.events.push_back(Event::InterfaceDisposed { service: s, functions });
+            }
         }
     }
 
@@ -1977,6 +2105,7 @@ impl Engine {
     fn peer_gone(&mut self, now: Instant, peer: &str) {
         self.reassembly.forget_owner(peer);
         self.drop_exports(now, Some(peer));
+        self.drop_interfaces(Some(peer));
         let dead: Vec<String> =
             self.sessions.iter().filter(|(_, p)| p.target == peer).map(|(s, _)| s.clone()).collect();
         for s in dead {

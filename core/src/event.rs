@@ -66,6 +66,13 @@ pub enum InvokeTarget {
         /// The driver's id for the function.
         function: FnId,
     },
+    /// A function of a `_rintf` interface we sent.
+    Interface {
+        /// The interface's service id (`_rintf_<id>`).
+        service: String,
+        /// The driver's id for the function.
+        function: FnId,
+    },
     /// The peer asks local generator `generator` for its next item. Reply with the item, or
     /// with [`StopIteration`](crate::codec::rtype::StopIteration)`.to_value()` at the end
     /// (the engine then forgets the generator); an error reply leaves it open, as in Python.
@@ -192,6 +199,14 @@ pub enum Event {
     GeneratorClosed {
         /// The driver's id for the generator.
         generator: GenId,
+    },
+    /// A `_rintf` interface we sent is gone (its holder disposed of it or left, or we
+    /// reconnected): its functions will not be called again.
+    InterfaceDisposed {
+        /// The interface's service id.
+        service: String,
+        /// The driver's ids of its functions.
+        functions: Vec<FnId>,
     },
     /// The server announced that a client of our workspace left.
     PeerDisconnected {

@@ -53,6 +53,8 @@ pub struct Limits {
     /// Returned functions and generators nobody called for this long are dropped (Python's
     /// session GC uses 600 s). Default 600 s.
     pub export_idle_expiry: Duration,
+    /// Most live `_rintf` interfaces we sent. Default 1024.
+    pub max_interfaces: usize,
 }
 
 impl Limits {
@@ -85,6 +87,7 @@ impl Default for Limits {
             partial_message_expiry: Duration::from_secs(120),
             max_exports: 1024,
             export_idle_expiry: Duration::from_secs(600),
+            max_interfaces: 1024,
         }
     }
 }

@@ -114,11 +114,11 @@ fn is_id(s: &str) -> bool {
 }
 
 /// Maps random ids of `recorded` onto the ids at the same places in `ours`: strings that differ
-/// only in 22-character id tokens (split on `.` and `#`) pair those tokens up.
+/// only in 22-character id tokens (split on `.`, `#` and `_`) pair those tokens up.
 fn align(ours: &Value, recorded: &Value, map: &mut BTreeMap<String, String>) {
     match (ours, recorded) {
         (Value::Str(a), Value::Str(b)) if a != b => {
-            let split = |s: &str| s.split(['.', '#']).map(String::from).collect::<Vec<_>>();
+            let split = |s: &str| s.split(['.', '#', '_']).map(String::from).collect::<Vec<_>>();
             let (pa, pb) = (split(a), split(b));
             if pa.len() == pb.len() {
                 for (x, y) in pa.iter().zip(&pb) {

@@ -404,3 +404,79 @@ fn chunked_messages_from_python_are_reassembled() {
     }
     assert_eq!(e.partial_messages(), 0);
 }
+
+/// `_rintf` (PROTOCOL.md §9): an interface we return equals Python's, its methods are called
+/// with `t: 5.0`, and `_dispose` frees it.
+#[test]
+fn rintf_interfaces_match_python() {
+    let rec = Recording::load();
+    let t0 = Instant::from_micros(1);
+    // Producer side (py-peer): make_counter(10) returns {_rintf, name, inc, value}.
+    let mut e = drive::engine("py-peer", 6);
+    drive::connect(&mut e, t0, "py-peer", WS, MANAGER);
+    let svc = ServiceSpec::new("interop")
+        .visibility(Visibility::Public)
+        .function("make_counter", FunctionSpec::new("make_counter"));
+    e.register_service(t0, svc).unwrap();
+    drain(&mut e);
+    let mut ids = BTreeMap::new();
+    e.handle_binary(t0, &rec.bytes("rintf", 1)).unwrap();
+    let inv = invocation(&drain(&mut e).events);
+    let mut counter = Map::new();
+    counter.push("_rintf", true);
+    counter.push("name", "counter");
+    counter.push("inc", local_function(FnId(1), "inc"));
+    counter.push("value", local_function(FnId(2), "value"));
+    e.reply(t0, inv.id, Ok(Value::Map(counter))).unwrap();
+    let d = drain(&mut e);
+    assert_same_up_to_ids(&d.bytes[0], &rec.bytes("rintf", 2), &mut ids, "rintf #2");
+    assert_eq!(e.interfaces(), 1);
+    for (call, reply, f) in [(5, 6, 1), (9, 10, 2)] {
+        e.handle_binary(t0, &substitute_frame(&rec.bytes("rintf", call), &ids)).unwrap();
+        let inv = invocation(&drain(&mut e).events);
+        assert!(
+            matches!(inv.target, InvokeTarget::Interface { function: FnId(x), .. } if x == f),
+            "{:?}",
+            inv.target
+        );
+        e.reply(t0, inv.id, Ok(Value::from(11))).unwrap();
+        assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes("rintf", reply), &mut ids, "rintf reply");
+    }
+    e.handle_binary(t0, &substitute_frame(&rec.bytes("rintf", 13), &ids)).unwrap();
+    let d = drain(&mut e);
+    assert_same_up_to_ids(&d.bytes[0], &rec.bytes("rintf", 15), &mut ids, "_dispose reply");
+    assert!(
+        matches!(&d.events[..], [Event::InterfaceDisposed { functions, .. }] if functions == &[FnId(1), FnId(2)])
+    );
+    assert_eq!(e.interfaces(), 0);
+
+    // Consumer side (py-caller): the interface's methods use the rintf timeout (t = 5.0).
+    let mut e = drive::engine("py-caller", 7);
+    drive::connect(&mut e, t0, "py-caller", WS, MANAGER);
+    let mut ids = BTreeMap::new();
+    let make = Method {
+        target: format!("{WS}/py-peer"),
+        method: "services.interop.make_counter".into(),
+        promise: Some(hypha_rpc_core::codec::rtype::PromiseMode::Compact),
+        ..Method::default()
+    };
+    let c = e.call(t0, &make, vec![10.into()], None, CallOptions::default()).unwrap();
+    assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes("rintf", 0), &mut ids, "rintf #0");
+    e.handle_binary(t0, &substitute_frame(&rec.bytes("rintf", 3), &ids)).unwrap();
+    let counter = match drain(&mut e).events.as_slice() {
+        [Event::CallSettled { id, result: Ok(v) }] if *id == c => v.as_map().unwrap().clone(),
+        other => panic!("{other:?}"),
+    };
+    for (name, sent, answer, want) in
+        [("inc", 4, 7, Value::from(11)), ("value", 8, 11, Value::from(11)), ("_dispose", 12, 17, Value::Nil)]
+    {
+        let m = method_at(counter.get(name).unwrap());
+        let c = e.call(t0, &m, vec![], None, CallOptions::default()).unwrap();
+        assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes("rintf", sent), &mut ids, name);
+        e.handle_binary(t0, &substitute_frame(&rec.bytes("rintf", answer), &ids)).unwrap();
+        match drain(&mut e).events.as_slice() {
+            [Event::CallSettled { id, result: Ok(v) }] if *id == c => assert_eq!(v, &want),
+            other => panic!("{other:?}"),
+        }
+    }
+}
