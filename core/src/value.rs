@@ -11,10 +11,11 @@ use alloc::vec::Vec;
 use bytes::Bytes;
 use core::fmt;
 
-/// A UTF-8 string stored in [`Bytes`]: decoding a frame slices strings out of its buffer
-/// instead of allocating one `String` each, and constants cost nothing ([`Str::from_static`]).
+/// A UTF-8 string: short ones (up to 23 bytes: keys, method names, session ids) are stored
+/// inline, longer ones share the frame's buffer ([`Bytes`]). Decoding a frame therefore
+/// allocates nothing per string, and constants cost nothing ([`Str::from_static`]).
 ///
-/// A string decoded from a frame keeps that frame's buffer alive; copy it
+/// A long string decoded from a frame keeps that frame's buffer alive; copy it
 /// (`String::from(s.as_str())`) to keep a small piece of a large frame.
 ///
 /// ```
@@ -22,42 +23,94 @@ use core::fmt;
 /// let s = Str::from_static("method");
 /// assert_eq!(s.as_str(), "method");
 /// assert_eq!(s, "method");
-/// assert_eq!(Str::from(String::from("x")).len(), 1);
+/// assert_eq!(Str::from(String::from("x")), Str::from("x"));
 /// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Str(Bytes);
+#[derive(Clone)]
+pub struct Str(Repr);
+
+const INLINE: usize = 23;
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, buf: [u8; INLINE] },
+    Shared(Bytes),
+}
+
+impl Default for Str {
+    fn default() -> Str {
+        Str(Repr::Inline { len: 0, buf: [0; INLINE] })
+    }
+}
 
 impl Str {
     /// A string constant, without allocating.
     pub const fn from_static(s: &'static str) -> Str {
-        Str(Bytes::from_static(s.as_bytes()))
+        Str(Repr::Shared(Bytes::from_static(s.as_bytes())))
     }
 
     /// Wraps `bytes` if they are valid UTF-8.
     pub fn from_utf8(bytes: Bytes) -> Result<Str, core::str::Utf8Error> {
         core::str::from_utf8(&bytes)?;
-        Ok(Str(bytes))
+        Ok(Str::from_validated(bytes))
     }
 
     /// Wraps bytes the caller has just checked to be UTF-8 (the decoder validates the input
     /// slice once, then shares it).
     pub(crate) fn from_validated(bytes: Bytes) -> Str {
         debug_assert!(core::str::from_utf8(&bytes).is_ok());
-        Str(bytes)
+        match Str::inline(&bytes) {
+            Some(s) => s,
+            None => Str(Repr::Shared(bytes)),
+        }
+    }
+
+    /// An inline copy of `b` (valid UTF-8 checked by the caller), if it is short enough.
+    pub(crate) fn inline(b: &[u8]) -> Option<Str> {
+        if b.len() > INLINE {
+            return None;
+        }
+        let mut buf = [0; INLINE];
+        buf[..b.len()].copy_from_slice(b);
+        Some(Str(Repr::Inline { len: b.len() as u8, buf }))
     }
 
     /// The string.
     #[allow(unsafe_code)]
     pub fn as_str(&self) -> &str {
-        // SAFETY: every constructor (`from_static`, `from_utf8`, `from_validated` — whose one
-        // caller validates first —, `From<&str>`, `From<String>`) takes bytes that are valid
-        // UTF-8, and `Bytes` are never mutated afterwards.
-        unsafe { core::str::from_utf8_unchecked(&self.0) }
+        // SAFETY: every constructor (`from_static`, `from_utf8`, `from_validated` and `inline`
+        // — whose callers validate first —, `From<&str>`, `From<String>`) stores bytes that are
+        // valid UTF-8, and neither the inline buffer nor `Bytes` is mutated afterwards.
+        unsafe { core::str::from_utf8_unchecked(self.as_bytes()) }
     }
 
-    /// The underlying bytes.
-    pub fn as_bytes(&self) -> &Bytes {
-        &self.0
+    /// The UTF-8 bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, buf } => &buf[..usize::from(*len)],
+            Repr::Shared(b) => b,
+        }
+    }
+}
+
+impl PartialEq for Str {
+    fn eq(&self, other: &Str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+impl Eq for Str {}
+impl PartialOrd for Str {
+    fn partial_cmp(&self, other: &Str) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Str {
+    fn cmp(&self, other: &Str) -> core::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+impl core::hash::Hash for Str {
+    fn hash<H: core::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
     }
 }
 
@@ -74,12 +127,12 @@ impl AsRef<str> for Str {
 }
 impl From<&str> for Str {
     fn from(s: &str) -> Str {
-        Str(Bytes::copy_from_slice(s.as_bytes()))
+        Str::inline(s.as_bytes()).unwrap_or_else(|| Str(Repr::Shared(Bytes::copy_from_slice(s.as_bytes()))))
     }
 }
 impl From<String> for Str {
     fn from(s: String) -> Str {
-        Str(Bytes::from(s.into_bytes()))
+        Str::inline(s.as_bytes()).unwrap_or_else(|| Str(Repr::Shared(Bytes::from(s.into_bytes()))))
     }
 }
 impl From<&String> for Str {
@@ -94,17 +147,17 @@ impl From<Str> for String {
 }
 impl PartialEq<str> for Str {
     fn eq(&self, other: &str) -> bool {
-        self.0 == other.as_bytes()
+        self.as_bytes() == other.as_bytes()
     }
 }
 impl PartialEq<&str> for Str {
     fn eq(&self, other: &&str) -> bool {
-        self.0 == other.as_bytes()
+        self.as_bytes() == other.as_bytes()
     }
 }
 impl PartialEq<String> for Str {
     fn eq(&self, other: &String) -> bool {
-        self.0 == other.as_bytes()
+        self.as_bytes() == other.as_bytes()
     }
 }
 impl fmt::Debug for Str {
@@ -613,6 +666,16 @@ pub use rmpv_conv::InvalidUtf8;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn str_is_inline_when_short_and_equal_across_representations() {
+        assert_eq!(core::mem::size_of::<Str>(), 32, "the inline form must use the Bytes niche");
+        assert_eq!(core::mem::size_of::<Value>(), 40);
+        let long = "x".repeat(40);
+        assert_eq!(Str::from(long.as_str()), Str::from_utf8(Bytes::from(long.clone())).unwrap());
+        assert_eq!(Str::from("abc"), Str::from_static("abc"));
+        assert!(Str::from("abc") < Str::from(long.as_str()));
+    }
 
     #[test]
     fn integers_normalise_sign() {

@@ -104,6 +104,9 @@ impl<'a> Reader<'a> {
         if !ascii && core::str::from_utf8(s).is_err() {
             return Err(DecodeError::InvalidUtf8 { offset: start });
         }
+        if let Some(short) = Str::inline(s) {
+            return Ok(Value::Str(short));
+        }
         let bytes = match self.owner {
             Some(owner) => owner.slice(start..start + len),
             None => Bytes::copy_from_slice(s),
