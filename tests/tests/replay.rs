@@ -480,3 +480,109 @@ fn rintf_interfaces_match_python() {
         }
     }
 }
+
+/// Generators (PROTOCOL.md §8), against the `generator` and `generator_early_close`
+/// transcripts: producer frames (descriptor, heartbeat + item per pull, stop_iteration, close)
+/// and consumer frames equal Python's.
+#[test]
+fn generators_match_python() {
+    use hypha_rpc_core::GenId;
+    use hypha_rpc_core::codec::rtype::{Generator, StopIteration};
+    use hypha_rpc_core::engine::local_generator;
+    let rec = Recording::load();
+    let t0 = Instant::from_micros(1);
+    for (sc, items, close_at) in [("generator", 3u64, None), ("generator_early_close", 10, Some(10u64))] {
+        // Producer (py-peer).
+        let mut e = drive::engine("py-peer", 8);
+        drive::connect(&mut e, t0, "py-peer", WS, MANAGER);
+        let svc = ServiceSpec::new("interop")
+            .visibility(Visibility::Public)
+            .function("sync_gen", FunctionSpec::new("sync_gen"))
+            .function("async_gen", FunctionSpec::new("async_gen"));
+        e.register_service(t0, svc).unwrap();
+        drain(&mut e);
+        let mut ids = BTreeMap::new();
+        e.handle_binary(t0, &rec.bytes(sc, 1)).unwrap();
+        let inv = invocation(&drain(&mut e).events);
+        assert_eq!(inv.args, vec![Value::from(items)]);
+        e.reply(t0, inv.id, Ok(local_generator(GenId(items)))).unwrap();
+        assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes(sc, 2), &mut ids, "generator descriptor");
+        let mut seq = 5;
+        let mut n = 0u64;
+        loop {
+            if close_at.map(|c| c + 1) == Some(seq) {
+                // The consumer closes early: answered at once (Python heartbeats first), and
+                // the driver is told.
+                e.handle_binary(t0, &substitute_frame(&rec.bytes(sc, seq), &ids)).unwrap();
+                let d = drain(&mut e);
+                assert_same_up_to_ids(&d.bytes[0], &rec.bytes(sc, seq + 2), &mut ids, "close reply");
+                assert!(
+                    matches!(&d.events[..], [Event::GeneratorClosed { generator: GenId(10) }]),
+                    "{:?}",
+                    d.events
+                );
+                break;
+            }
+            e.handle_binary(t0, &substitute_frame(&rec.bytes(sc, seq), &ids)).unwrap();
+            let inv = invocation(&drain(&mut e).events);
+            assert_eq!(inv.target, InvokeTarget::GeneratorNext { generator: GenId(items) });
+            e.handle_timeout(t0); // an async producer: one heartbeat before the item
+            assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes(sc, seq + 1), &mut ids, "heartbeat");
+            let recorded = decode_frame(&rec.bytes(sc, seq + 2), &Limits::default()).unwrap();
+            let item = recorded.extra.unwrap().get("args").unwrap().as_array().unwrap()[0].clone();
+            let end = hypha_rpc_core::engine::is_stop_iteration(&item);
+            let reply = if end { StopIteration.to_value() } else { item };
+            e.reply(t0, inv.id, Ok(reply)).unwrap();
+            assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes(sc, seq + 2), &mut ids, "item");
+            n += 1;
+            seq += 6;
+            if end {
+                assert_eq!(n, items + 1);
+                break;
+            }
+        }
+        assert_eq!(e.exports(), 0, "{sc}: the producer holds nothing afterwards");
+
+        // Consumer (py-caller).
+        let mut e = drive::engine("py-caller", 9);
+        drive::connect(&mut e, t0, "py-caller", WS, MANAGER);
+        let mut ids = BTreeMap::new();
+        let name = if sc == "generator" { "sync_gen" } else { "async_gen" };
+        let make = Method {
+            target: format!("{WS}/py-peer"),
+            method: format!("services.interop.{name}"),
+            promise: Some(hypha_rpc_core::codec::rtype::PromiseMode::Compact),
+            ..Method::default()
+        };
+        let c = e.call(t0, &make, vec![items.into()], None, CallOptions::default()).unwrap();
+        assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes(sc, 0), &mut ids, "call");
+        e.handle_binary(t0, &substitute_frame(&rec.bytes(sc, 3), &ids)).unwrap();
+        let g = match drain(&mut e).events.as_slice() {
+            [Event::CallSettled { id, result: Ok(v) }] if *id == c => {
+                Generator::from_value(v).unwrap().unwrap()
+            }
+            other => panic!("{other:?}"),
+        };
+        let mut seq = 4;
+        loop {
+            let closing = close_at == Some(seq);
+            let id = if closing { e.generator_close(t0, &g) } else { e.generator_next(t0, &g) }.unwrap();
+            let sent = seq;
+            assert_same_up_to_ids(&drain(&mut e).bytes[0], &rec.bytes(sc, sent), &mut ids, "pull");
+            e.handle_binary(t0, &substitute_frame(&rec.bytes(sc, sent + 4), &ids)).unwrap(); // heartbeat
+            e.handle_binary(t0, &substitute_frame(&rec.bytes(sc, sent + 5), &ids)).unwrap();
+            let v = match drain(&mut e).events.as_slice() {
+                [Event::CallSettled { id: got, result: Ok(v) }] if *got == id => v.clone(),
+                other => panic!("{other:?}"),
+            };
+            if closing {
+                assert_eq!(v, Value::Bool(true));
+                break;
+            }
+            if hypha_rpc_core::engine::is_stop_iteration(&v) {
+                break;
+            }
+            seq += 6;
+        }
+    }
+}
