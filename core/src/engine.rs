@@ -427,6 +427,11 @@ impl Engine {
     pub fn active_invocations(&self) -> usize {
         self.active.len()
     }
+    /// Local generators a peer can still pull from.
+    pub fn open_generators(&self) -> usize {
+        self.exports.values().map(|x| x.generators.len()).sum::<usize>()
+            + self.sessions.values().map(|p| p.generators.len()).sum::<usize>()
+    }
     /// `_rintf` interfaces we sent that are still alive.
     pub fn interfaces(&self) -> usize {
         self.interfaces.len()
@@ -1793,6 +1798,11 @@ impl Engine {
             return;
         }
         if let Some(gid) = parse_local_generator(v) {
+            let max = self.config.limits.max_generators;
+            if self.open_generators() + out.generators.len() >= max {
+                out.error = Some(EngineError::LimitReached { what: "open generators", max });
+                return;
+            }
             let key = self.rng.short_id();
             *v = Generator {
                 server: Some(server),

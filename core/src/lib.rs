@@ -43,6 +43,7 @@ pub mod error;
 pub mod event;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod generator;
 pub mod limits;
 mod rng;
 pub mod service;
@@ -53,6 +54,7 @@ pub use connection::ConnectionInfo;
 pub use engine::{CallOptions, Engine, EngineConfig};
 pub use error::{CallError, ConnectError, EngineError, InputError};
 pub use event::{CallId, Context, Event, FnId, GenId, Invocation, InvokeId, InvokeTarget, Transmit};
+pub use generator::GeneratorReader;
 pub use limits::Limits;
 pub use service::{FunctionSpec, RequireContext, ServiceSpec, Visibility};
 pub use value::{Integer, Map, Str, Value};

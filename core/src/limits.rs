@@ -55,6 +55,8 @@ pub struct Limits {
     pub export_idle_expiry: Duration,
     /// Most live `_rintf` interfaces we sent. Default 1024.
     pub max_interfaces: usize,
+    /// Most local generators peers can pull from at once. Default 1024.
+    pub max_generators: usize,
 }
 
 impl Limits {
@@ -88,6 +90,7 @@ impl Default for Limits {
             max_exports: 1024,
             export_idle_expiry: Duration::from_secs(600),
             max_interfaces: 1024,
+            max_generators: 1024,
         }
     }
 }

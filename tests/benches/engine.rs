@@ -59,6 +59,75 @@ fn round_trip(p: &mut Pair, arg: &Value) -> Value {
     }
 }
 
+/// Items per second pulled from a generator between the two engines, with `prefetch` pulls in
+/// flight (frames move after each pump, as a transport would batch them).
+fn generator_items_per_second(prefetch: usize, items: u64) -> f64 {
+    use hypha_rpc_core::GeneratorReader;
+    use hypha_rpc_core::codec::rtype::{Generator, RTypeCodec, StopIteration};
+    use hypha_rpc_core::engine::local_generator;
+    use hypha_rpc_core::{GenId, InvokeTarget};
+    let mut p = pair();
+    let now = Instant::ZERO;
+    // The callee answers this first call with a local generator.
+    p.caller.call(now, &p.echo, vec![], None, CallOptions::default()).unwrap();
+    let mut generator: Option<Generator> = None;
+    let mut next_item = 0u64;
+    let mut reader: Option<GeneratorReader> = None;
+    let mut got = 0u64;
+    let start = StdInstant::now();
+    loop {
+        while let Some(Transmit::Binary(b)) = p.caller.poll_transmit() {
+            p.callee.handle_binary(now, &b).unwrap();
+        }
+        while let Some(e) = p.callee.poll_event() {
+            if let Event::Invoke(inv) = e {
+                let reply = match inv.target {
+                    InvokeTarget::GeneratorNext { .. } if next_item < items => {
+                        next_item += 1;
+                        Value::from(next_item)
+                    }
+                    InvokeTarget::GeneratorNext { .. } => StopIteration.to_value(),
+                    _ => local_generator(GenId(1)),
+                };
+                p.callee.reply(now, inv.id, Ok(reply)).unwrap();
+            }
+        }
+        while let Some(Transmit::Binary(b)) = p.callee.poll_transmit() {
+            p.caller.handle_binary(now, &b).unwrap();
+        }
+        while let Some(e) = p.caller.poll_event() {
+            match e {
+                Event::CallSettled { id, result } => {
+                    if let Some(r) = reader.as_mut() {
+                        if r.handle_settled(id, result.clone()) {
+                            continue;
+                        }
+                    }
+                    if generator.is_none() {
+                        if let Ok(v) = &result {
+                            generator = Generator::from_value(v).and_then(Result::ok);
+                            reader = generator.clone().map(|g| GeneratorReader::new(g, prefetch));
+                        }
+                    }
+                }
+                Event::Invoke(inv) => p.caller.reply(now, inv.id, Ok(Value::Nil)).unwrap(),
+                _ => {}
+            }
+        }
+        let Some(r) = reader.as_mut() else { continue };
+        while let Some(item) = r.poll_item() {
+            item.unwrap();
+            got += 1;
+        }
+        if r.is_finished() {
+            break;
+        }
+        r.pump(&mut p.caller, now).unwrap();
+    }
+    assert_eq!(got, items);
+    got as f64 / start.elapsed().as_secs_f64()
+}
+
 fn bench(c: &mut Criterion) {
     let mut p = pair();
     let small = Value::from("hello");
@@ -93,4 +162,9 @@ fn main() {
     println!("engine pair: {median:.0} round trips/s on one core (target >= 500000)");
     assert_eq!(p.caller.pending_calls(), 1, "only the engine's own subscribe call stays pending");
     assert_eq!(p.callee.active_invocations(), 0);
+    let items = if quick { 1_000 } else { 50_000 };
+    for prefetch in [1, 8] {
+        let rate = generator_items_per_second(prefetch, items);
+        println!("generator between engines: {rate:.0} items/s with prefetch {prefetch}");
+    }
 }

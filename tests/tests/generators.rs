@@ -174,3 +174,45 @@ fn only_the_consumer_may_pull() {
     assert!(w.pulled.is_empty(), "and reaches no user code");
     assert_eq!(w.producer.exports(), 1, "the consumer's generator is untouched");
 }
+
+/// The prefetching reader keeps items in order whatever order answers arrive in, drops pulls
+/// an async Python producer refused ("already running"), and then pulls one at a time.
+#[test]
+fn prefetch_reader_orders_items_and_survives_refused_pulls() {
+    use hypha_rpc_core::GeneratorReader;
+    let mut e = engine("reader");
+    let g = Generator {
+        target: format!("{WS}/producer"),
+        method: "S.g".into(),
+        close_method: Some("S.g:close".into()),
+        promise: Some(PromiseMode::Compact),
+        ..Generator::default()
+    };
+    let mut r = GeneratorReader::new(g, 3);
+    r.pump(&mut e, T).unwrap();
+    assert_eq!(r.in_flight(), 3);
+    assert_eq!(drive::drain(&mut e).frames.len(), 3, "three pulls went out");
+    // Call ids are consecutive: the next call's id tells the three pulls' ids.
+    let probe = e.generator_next(T, &Generator::default()).unwrap();
+    let first = CallId(probe.0 - 3);
+    let (a, b, c) = (first, CallId(first.0 + 1), CallId(first.0 + 2));
+    let refused = Err(CallError::Remote {
+        message: "RuntimeError: anext(): asynchronous generator is already running".into(),
+        trace: None,
+    });
+    assert!(r.handle_settled(c, Ok(Value::from(2))));
+    assert_eq!(r.poll_item(), None, "the first answer is missing: nothing yet");
+    assert!(r.handle_settled(b, refused));
+    assert!(r.handle_settled(a, Ok(Value::from(1))));
+    assert_eq!(r.poll_item(), Some(Ok(Value::from(1))));
+    assert_eq!(r.poll_item(), Some(Ok(Value::from(2))), "the refused pull is skipped, order kept");
+    assert_eq!(r.poll_item(), None);
+    r.pump(&mut e, T).unwrap();
+    assert_eq!(r.in_flight(), 1, "after a refusal, one pull at a time");
+    assert!(!r.handle_settled(CallId(999_999), Ok(Value::Nil)), "not one of ours");
+    let last = CallId(first.0 + 4);
+    assert!(r.handle_settled(last, Ok(StopIteration.to_value())));
+    assert_eq!(r.poll_item(), None);
+    assert!(r.is_finished());
+    assert_eq!(r.close(&mut e, T).unwrap(), None, "an ended generator needs no close");
+}
