@@ -1493,7 +1493,12 @@ impl Engine {
                     Ok(b) => b,
                     Err(e) => return (Err(err(e.0)), None),
                 };
-                let mut message = match decode_frame(&bytes, &self.config.limits) {
+                // A reassembled message may exceed one frame's caps, up to `max_message_bytes`.
+                let mut limits = self.config.limits.clone();
+                limits.max_frame_bytes = limits.max_message_bytes;
+                limits.max_bin_len = limits.max_bin_len.max(limits.max_message_bytes);
+                limits.max_str_len = limits.max_str_len.max(limits.max_message_bytes);
+                let mut message = match decode_frame(&bytes, &limits) {
                     Ok(f) => f,
                     Err(e) => return (Err(err(format!("reassembled message {key} is invalid: {e}"))), None),
                 };
