@@ -158,6 +158,11 @@ impl Reassembly {
         before - self.partials.len()
     }
 
+    /// Drops the partial message `key`, whoever owns it.
+    pub(crate) fn forget_key(&mut self, key: &str) {
+        self.partials.remove(key);
+    }
+
     /// Drops every partial message of a peer that left.
     pub(crate) fn forget_owner(&mut self, owner: &str) {
         self.partials.retain(|_, p| p.owner != owner);

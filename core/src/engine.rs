@@ -512,7 +512,7 @@ impl Engine {
 
     /// The transport closed (either side). Pending calls keep their timers: replies can still
     /// arrive after a quick reconnection, as with the Python client.
-    pub fn handle_transport_closed(&mut self, _now: Instant, code: Option<u16>, reason: &str) {
+    pub fn handle_transport_closed(&mut self, now: Instant, code: Option<u16>, reason: &str) {
         match self.state {
             State::Handshaking { .. } => {
                 self.state = State::Idle;
@@ -543,6 +543,19 @@ impl Engine {
                 for s in cut {
                     if let Some(p) = self.forget_session(&s) {
                         self.deferred_registrations.push((p.id, p.registers.unwrap_or_default()));
+                    }
+                }
+                // Large messages being uploaded cannot resume on a new connection (the receiver
+                // may be gone or have dropped the partial message): the calls they carry fail now.
+                let uploads: Vec<u64> = self.uploads.keys().copied().collect();
+                for id in uploads {
+                    if let Some(u) = self.uploads.remove(&id) {
+                        if let Some(s) = u.call_session {
+                            let err = CallError::ConnectionLost {
+                                reason: "the connection dropped while sending a large message".into(),
+                            };
+                            self.settle(now, s, Err(err));
+                        }
                     }
                 }
                 // The engine's own calls are redone on the next connection.
@@ -1173,6 +1186,16 @@ impl Engine {
             } else {
                 match self.sessions.get(s) {
                     None if matches!(rest, "resolve" | "reject" | "heartbeat") => return Ok(()), // late reply
+                    // Closing a generator that already ended or was closed is harmless: `true`.
+                    None if rest.ends_with(":close") => {
+                        return self.answer_now(
+                            now,
+                            &route,
+                            &from,
+                            session.as_deref(),
+                            Ok(Value::Bool(true)),
+                        );
+                    }
                     None => Err(format!("Session not found: {from}:{method}")),
                     Some(p) if p.target != from => {
                         Err(format!("Access denied for method call ({method}) from {from}"))
@@ -1518,6 +1541,15 @@ impl Engine {
             }
             _ => return (Err(err(format!("Method not found: message_cache.{op}"))), None),
         };
+        if let (Err(e), true) = (&result, heartbeat) {
+            // A chunked reply to our own call `key` that we cannot take: that call fails now
+            // instead of waiting for its timeout.
+            if self.sessions.get(&key).is_some_and(|p| p.target == owner) {
+                self.reassembly.forget_key(&key);
+                self.settle(now, key.clone(), Err(CallError::BadReply(format!("reply refused: {}", e.0))));
+                return (Err(err(e.0.clone())), None);
+            }
+        }
         self.touch_session(now, &key, heartbeat);
         (result.map(|()| Value::Nil).map_err(|e| err(e.0)), None)
     }

@@ -44,6 +44,13 @@ pub enum CallError {
         /// The method path.
         method: String,
     },
+    /// The connection dropped while the call could not survive it (for example while its
+    /// large request was still being uploaded).
+    #[error("connection lost: {reason}")]
+    ConnectionLost {
+        /// What happened.
+        reason: String,
+    },
     /// We closed the connection ourselves ([`Engine::close`](crate::Engine::close)).
     #[error("connection closed by the client")]
     Closed,

@@ -34,7 +34,7 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use hypha_rpc_core::codec::rtype::{Method, RTypeCodec, RemoteError};
+use hypha_rpc_core::codec::rtype::{Generator, Method, RTypeCodec, RemoteError};
 use hypha_rpc_core::codec::{Frame, decode_frame};
 use hypha_rpc_core::time::{Duration, Instant};
 use hypha_rpc_core::{
@@ -514,6 +514,21 @@ impl Sim {
         self.track(c, call)
     }
 
+    /// `c` asks a remote generator for its next item ([`Engine::generator_next`]): the call
+    /// resolves with the item, or with `stop_iteration` at the end.
+    pub fn generator_next(&mut self, c: ClientId, generator: &Generator) -> CallId {
+        let now = self.now;
+        let id = self.peer_mut(c).engine.generator_next(now, generator).expect("Engine::generator_next");
+        self.track(c, id)
+    }
+
+    /// `c` closes a remote generator early ([`Engine::generator_close`]).
+    pub fn generator_close(&mut self, c: ClientId, generator: &Generator) -> CallId {
+        let now = self.now;
+        let id = self.peer_mut(c).engine.generator_close(now, generator).expect("Engine::generator_close");
+        self.track(c, id)
+    }
+
     fn track(&mut self, c: ClientId, id: CallId) -> CallId {
         self.peer_mut(c).issued.insert(id);
         self.drive();
@@ -680,6 +695,28 @@ impl Sim {
         self.lost
     }
 
+    /// Every client added so far, live or not.
+    pub fn clients(&self) -> impl Iterator<Item = ClientId> + use<> {
+        (0..self.peers.len()).map(ClientId)
+    }
+
+    /// Whether `c` was killed ([`Sim::kill_client`]).
+    pub fn is_dead(&self, c: ClientId) -> bool {
+        self.peer(c).dead
+    }
+
+    /// The longest binary message exchanged so far (either way, delivered or not), in bytes.
+    pub fn largest_frame(&self) -> usize {
+        self.trace
+            .iter()
+            .filter_map(|t| match &t.what {
+                HubOutput::Message(WsMessage::Binary(b)) => Some(b.len()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// End-of-test checks: every call the harness started settled (exactly once: a second
     /// settlement already panicked), every live engine is back to no pending call, and its
     /// open invocations are exactly those the user code has not answered.
@@ -698,6 +735,28 @@ impl Sim {
                 "{}: the engine's open invocations differ from the unanswered ones",
                 p.name
             );
+        }
+    }
+
+    /// [`Sim::finish`], and also that every live engine holds nothing any more: no upload in
+    /// progress, no partial message, no session of returned functions or generators, no
+    /// `_rintf` interface.
+    pub fn finish_clean(&mut self) {
+        self.finish();
+        for p in &self.peers {
+            if p.dead {
+                continue;
+            }
+            let e = &p.engine;
+            let held = [
+                ("uploads", e.uploads()),
+                ("partial messages", e.partial_messages()),
+                ("exports", e.exports()),
+                ("interfaces", e.interfaces()),
+            ];
+            for (what, n) in held {
+                assert_eq!(n, 0, "{}: {n} {what} left at the end", p.name);
+            }
         }
     }
 
