@@ -22,6 +22,9 @@ cargo clippy -p hypha-rpc-core --no-default-features -- -D warnings
 step "cargo test"
 cargo test --workspace --all-features
 
+step "quickstart (Rust <-> Python through a local server)"
+scripts/quickstart.sh
+
 step "no_std link check"
 ci/nostd-check/run.sh
 
