@@ -42,6 +42,12 @@ impl Reassembly {
         self.partials.len()
     }
 
+    /// `true` while a partial message `key` exists.
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.partials.contains_key(key)
+    }
+
     /// Bytes held in all partial messages.
     pub(crate) fn bytes(&self) -> usize {
         self.partials.values().map(|p| p.data.len() + p.waiting_bytes).sum()

@@ -103,3 +103,83 @@ pub fn engine_frames(data: &[u8]) {
     engine.handle_timeout(now);
     assert_eq!(engine.pending_calls(), 0, "calls outlived their timeout");
 }
+
+/// Chunk reassembly driven by arbitrary operations, checked against a simple model: `data` is
+/// read as `op, key, index, len` bytes followed by `len` payload bytes. Caps must hold at every
+/// step and a completed message must equal its chunks in index order.
+pub fn chunk_reassembly(data: &[u8]) {
+    use crate::chunk::Reassembly;
+    use crate::time::{Duration, Instant};
+    use alloc::collections::BTreeMap;
+    use alloc::string::String;
+    use alloc::vec::Vec;
+    use bytes::Bytes;
+
+    let limits = Limits {
+        max_message_bytes: 4096,
+        max_reassembly_bytes: 8192,
+        max_chunks_per_message: 16,
+        max_partial_messages: 3,
+        partial_message_expiry: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let mut r = Reassembly::default();
+    // Model: per key, the owner and the chunks received (by index).
+    let mut model: BTreeMap<String, (String, BTreeMap<u64, Vec<u8>>)> = BTreeMap::new();
+    let mut now = Instant::from_micros(1);
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let (op, key, index, len) =
+            (rest[0] % 7, rest[1] % 4, u64::from(rest[2] % 20), usize::from(rest[3]) * 4);
+        rest = &rest[4..];
+        let payload = &rest[..len.min(rest.len())];
+        rest = &rest[payload.len()..];
+        let key = alloc::format!("k{key}");
+        let owner = if op == 6 { "ws/stranger" } else { "ws/owner" };
+        match op {
+            0 => {
+                if r.create(now, &key, owner, index % 2 == 0, &limits).is_ok() {
+                    model.insert(key, (owner.into(), BTreeMap::new()));
+                }
+            }
+            1 | 2 | 6 => {
+                let idx = if op == 2 { None } else { Some(index) };
+                let ok = r.add(now, &key, owner, idx, Bytes::copy_from_slice(payload), &limits).is_ok();
+                if ok {
+                    let entry = model.get_mut(&key).expect("an accepted chunk has a message");
+                    assert_eq!(entry.0, owner, "a stranger's chunk was accepted");
+                    let at = idx.unwrap_or_else(|| entry.1.keys().next_back().map_or(0, |k| k + 1));
+                    assert!(entry.1.insert(at, payload.to_vec()).is_none(), "duplicate chunk accepted");
+                }
+            }
+            3 => match r.take(&key, owner) {
+                Ok(whole) => {
+                    let (_, chunks) = model.remove(&key).expect("taken message existed");
+                    let want: Vec<u8> = chunks.values().flatten().copied().collect();
+                    let contiguous = chunks.keys().copied().eq(0..chunks.len() as u64);
+                    assert!(contiguous, "a message with a gap was completed");
+                    assert_eq!(&whole[..], &want[..], "reassembled bytes differ from the chunks");
+                }
+                Err(_) => {
+                    // Refused: gone if it existed and belonged to the owner (a gap drops it).
+                    if model.get(&key).is_some_and(|(o, _)| o == owner) {
+                        model.remove(&key);
+                    }
+                }
+            },
+            4 => {
+                if r.remove(&key, owner).is_ok() {
+                    model.remove(&key);
+                }
+            }
+            _ => {
+                now += Duration::from_secs(u64::from(rest.first().copied().unwrap_or(0) % 12));
+                r.expire(now, &limits);
+                model.retain(|k, _| r.contains(k));
+            }
+        }
+        assert!(r.len() <= limits.max_partial_messages, "too many partial messages");
+        assert!(r.bytes() <= limits.max_reassembly_bytes, "too many bytes held");
+        assert_eq!(r.len(), model.len(), "reassembly and model disagree on live messages");
+    }
+}

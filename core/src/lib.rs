@@ -35,7 +35,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
-mod chunk;
+pub(crate) mod chunk;
 pub mod codec;
 pub mod connection;
 pub mod engine;

@@ -8,6 +8,7 @@ type Body = fn(&[u8]);
 const TARGETS: &[(&str, Body)] = &[
     ("frame_decode", hypha_rpc_core::fuzzing::frame_decode),
     ("engine_frames", hypha_rpc_core::fuzzing::engine_frames),
+    ("chunk_reassembly", hypha_rpc_core::fuzzing::chunk_reassembly),
 ];
 
 #[test]
