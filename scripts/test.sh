@@ -28,8 +28,18 @@ scripts/quickstart.sh
 step "no_std link check"
 ci/nostd-check/run.sh
 
-step "fuzz targets build"
-cargo check --quiet --manifest-path fuzz/Cargo.toml
+step "fuzz smoke: each target ${FUZZ_SECONDS:-20} s on stable (cargo fuzz -s none)"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+for target in frame_decode engine_frames chunk_reassembly; do
+  scratch="$(mktemp -d)"   # new inputs go here; the committed corpus is only read
+  (cd fuzz && cargo fuzz run -s none "$target" "$scratch" "corpus/$target" -- \
+      -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
+    | grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY)" || true)
+  rm -rf "$scratch"
+  if [ -n "$(ls fuzz/artifacts/"$target" 2>/dev/null)" ]; then
+    echo "fuzz target $target found a crash: fuzz/artifacts/$target"; exit 1
+  fi
+done
 
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --all-features --quiet
