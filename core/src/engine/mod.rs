@@ -436,6 +436,7 @@ impl Engine {
                 }
                 // `_rintf` services die with the connection: no zombies on the server or here.
                 self.drop_interfaces(None);
+                tracing::info!(?code, reason, pending = self.sessions.len(), "disconnected");
                 self.events.push_back(Event::Disconnected { code, reason: reason.into() });
             }
             State::Idle | State::Closed => {}
@@ -487,8 +488,13 @@ impl Engine {
             }
             State::Registering | State::Ready => {}
         }
-        let frame = decode_frame(bytes, &self.config.limits)?;
-        self.dispatch(now, frame, false)
+        let result = decode_frame(bytes, &self.config.limits)
+            .map_err(InputError::from)
+            .and_then(|frame| self.dispatch(now, frame, false));
+        if let Err(e) = &result {
+            tracing::debug!(len = bytes.len(), error = %e, "dropped an incoming frame");
+        }
+        result
     }
 
     /// Acts on one decoded frame (delivered directly, or reassembled from chunks).
@@ -809,6 +815,7 @@ impl Engine {
     // ---- internals: connection -----------------------------------------------------------------
 
     fn fail_handshake(&mut self, error: ConnectError, permanent: bool) {
+        tracing::warn!(%error, permanent, "connection attempt failed");
         self.state = State::Idle;
         self.events.push_back(Event::ConnectionFailed { error, permanent });
     }
@@ -868,6 +875,7 @@ impl Engine {
         self.ever_ready = true;
         self.state = State::Ready;
         let Some(info) = self.info.clone() else { return };
+        tracing::info!(workspace = %info.workspace, manager = %info.manager_id, reconnected, "connected");
         self.events.push_back(Event::Connected { info, reconnected });
         if let Ok(t) = self.manager_method("subscribe") {
             let events = Value::Array(vec!["client_disconnected".into()]);
@@ -1171,6 +1179,9 @@ impl Engine {
     /// Settles the call of session `s` exactly once and frees its state.
     fn settle(&mut self, now: Instant, s: String, result: Result<Value, CallError>) {
         let Some(p) = self.forget_session(&s) else { return };
+        if let Err(e) = &result {
+            tracing::debug!(target = %p.target, method = %p.method, error = %e, "call failed");
+        }
         match p.internal {
             None => self.events.push_back(Event::CallSettled { id: p.id, result }),
             Some(Internal::Builtin) => match result {
