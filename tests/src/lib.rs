@@ -6,3 +6,4 @@ pub mod server;
 pub mod sim;
 pub mod transcripts;
 pub mod ws_driver;
+pub mod hostile;
