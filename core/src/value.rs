@@ -535,16 +535,50 @@ impl Map {
     }
     /// Removes every entry with string key `key`; returns the value lookups would have seen.
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        let mut found = None;
-        let mut i = 0;
-        while i < self.0.len() {
-            if self.0[i].0.as_str() == Some(key) {
-                found = Some(self.0.remove(i).1);
-            } else {
-                i += 1;
+        // One pass whatever the number of duplicates (a peer controls how many there are).
+        let last = self.position(key)?;
+        let found = core::mem::take(&mut self.0[last].1);
+        self.0.retain(|(k, _)| k.as_str() != Some(key));
+        Some(found)
+    }
+    /// Sets every `(key, value)` of `other` as [`Map::insert`] would, in `O((n + m) log n)`
+    /// rather than `O(n * m)`: a peer decides how many keys there are. Keys for which `skip`
+    /// is true are left out.
+    pub fn extend_replacing(&mut self, other: Map, mut skip: impl FnMut(&Value) -> bool) {
+        use alloc::collections::BTreeMap;
+        if other.len() <= 8 {
+            for (k, v) in other {
+                if !skip(&k) {
+                    self.insert(k, v);
+                }
+            }
+            return;
+        }
+        // Index of the last entry for each string key already present.
+        let mut index: BTreeMap<Str, usize> = BTreeMap::new();
+        for (i, (k, _)) in self.0.iter().enumerate() {
+            if let Value::Str(s) = k {
+                index.insert(s.clone(), i);
             }
         }
-        found
+        for (k, v) in other {
+            if skip(&k) {
+                continue;
+            }
+            match &k {
+                Value::Str(s) => match index.get(s) {
+                    Some(&i) => self.0[i].1 = v,
+                    None => {
+                        index.insert(s.clone(), self.0.len());
+                        self.0.push((k, v));
+                    }
+                },
+                // Non-string keys (never from Python) keep the linear path.
+                _ => {
+                    self.insert(k, v);
+                }
+            }
+        }
     }
     /// Entries in wire order.
     pub fn iter(&self) -> core::slice::Iter<'_, (Value, Value)> {

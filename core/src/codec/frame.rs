@@ -44,12 +44,7 @@ impl Frame {
     pub fn merged(self) -> Map {
         let mut main = self.main;
         if let Some(extra) = self.extra {
-            for (k, v) in extra {
-                if k.as_str().is_some_and(|k| ENVELOPE_KEYS.contains(&k)) {
-                    continue;
-                }
-                main.insert(k, v);
-            }
+            main.extend_replacing(extra, |k| k.as_str().is_some_and(|k| ENVELOPE_KEYS.contains(&k)));
         }
         main
     }

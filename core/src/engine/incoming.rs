@@ -98,6 +98,16 @@ pub(super) fn sanitize_incoming(v: &mut Value, ws: &str) -> Result<(), ()> {
 }
 
 /// Positional arguments and the kwargs map of a call's `extra`.
+/// At most the first 256 bytes of `s` (on a char boundary), for error texts that quote what a
+/// peer sent: a 1 MiB method path must not come back as a 2 MiB reject.
+pub(super) fn clip(s: &str) -> &str {
+    let mut end = s.len().min(256);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 pub(super) fn split_kwargs(extra: &Map) -> (&[Value], Option<&Map>) {
     let args = extra.get("args").and_then(Value::as_array).unwrap_or(&[]);
     if extra.get("with_kwargs").and_then(Value::as_bool) == Some(true) {
@@ -148,7 +158,7 @@ impl Engine {
                 // Only the peer it was sent to: stricter than Python, which lets any client of
                 // our workspace call it.
                 Some(i) if i.peer != from => {
-                    Err(format!("Permission denied for invoking protected method {method}"))
+                    Err(format!("Permission denied for invoking protected method {}", clip(&method)))
                 }
                 Some(_) if path == "_dispose" => {
                     if let Some(i) = self.interfaces.remove(&svc) {
@@ -159,9 +169,9 @@ impl Engine {
                 }
                 Some(i) => match i.functions.iter().find(|(k, _)| k == path) {
                     Some((_, f)) => Ok(Some(InvokeTarget::Interface { service: svc.clone(), function: *f })),
-                    None => Err(format!("Method expired or not found: {from}:{method}")),
+                    None => Err(format!("Method expired or not found: {from}:{}", clip(&method))),
                 },
-                None => Err(format!("Method expired or not found: {from}:{method}")),
+                None => Err(format!("Method expired or not found: {from}:{}", clip(&method))),
             }
         } else if let Some(rest) = method.strip_prefix("services.") {
             let (svc, path) = rest.split_once('.').unwrap_or((rest, ""));
@@ -172,7 +182,7 @@ impl Engine {
                 // A function or generator we returned earlier.
                 x.last_used = now;
                 if x.peer != from {
-                    Err(format!("Access denied for method call ({method}) from {from}"))
+                    Err(format!("Access denied for method call ({}) from {from}", clip(&method)))
                 } else if let Some(key) = rest.strip_suffix(":close") {
                     let found = x.generators.iter().position(|(k, _)| k == key);
                     let closed = found.map(|i| x.generators.remove(i).1);
@@ -189,7 +199,7 @@ impl Engine {
                 } else if let Some((_, f)) = x.functions.iter().find(|(k, _)| k == rest) {
                     Ok(Some(InvokeTarget::Returned { function: *f }))
                 } else {
-                    Err(format!("Method expired or not found: {from}:{method}"))
+                    Err(format!("Method expired or not found: {from}:{}", clip(&method)))
                 }
             } else {
                 match self.sessions.get(s) {
@@ -204,9 +214,9 @@ impl Engine {
                             Ok(Value::Bool(true)),
                         );
                     }
-                    None => Err(format!("Session not found: {from}:{method}")),
+                    None => Err(format!("Session not found: {from}:{}", clip(&method))),
                     Some(p) if p.target != from => {
-                        Err(format!("Access denied for method call ({method}) from {from}"))
+                        Err(format!("Access denied for method call ({}) from {from}", clip(&method)))
                     }
                     Some(p) => match rest {
                         "heartbeat" => {
@@ -255,7 +265,7 @@ impl Engine {
                                     Ok(Value::Bool(true)),
                                 );
                             } else {
-                                Err(format!("Method expired or not found: {from}:{method}"))
+                                Err(format!("Method expired or not found: {from}:{}", clip(&method)))
                             }
                         }
                     },
@@ -402,19 +412,19 @@ impl Engine {
         if svc == "built-in" {
             return match self.builtin_spec().function_at(path) {
                 Some(_) => Ok(None),
-                None => Err(format!("Method expired or not found: {from}:{method}")),
+                None => Err(format!("Method expired or not found: {from}:{}", clip(method))),
             };
         }
         let spec = self.services.iter().find(|s| s.id == svc);
         let Some(spec) = spec.filter(|s| s.function_at(path).is_some()) else {
-            return Err(format!("Method expired or not found: {from}:{method}"));
+            return Err(format!("Method expired or not found: {from}:{}", clip(method)));
         };
         if spec.visibility == Visibility::Protected
             && remote_ws != self.workspace()
             && !spec.authorized_workspaces.iter().any(|w| w == remote_ws)
             && Some(from) != self.manager_address().as_deref()
         {
-            return Err(format!("Permission denied for invoking protected method {method}"));
+            return Err(format!("Permission denied for invoking protected method {}", clip(method)));
         }
         Ok(Some(InvokeTarget::Service { service: svc.into(), function: path.into() }))
     }
@@ -497,6 +507,9 @@ impl Engine {
         let Some(key) = arg(0, "key").and_then(Value::as_str).map(String::from) else {
             return (Err(err("message_cache needs a string key".into())), None);
         };
+        if key.len() > 256 {
+            return (Err(err("message_cache key longer than 256 bytes".into())), None);
+        }
         let limits = &self.config.limits;
         let (result, heartbeat) = match op {
             "create" => (
@@ -524,7 +537,7 @@ impl Engine {
             }
             "remove" => (self.reassembly.remove(&key, &owner), false),
             "process" => {
-                self.touch_session(now, &key, flag(1, "heartbeat"));
+                self.touch_session_of(now, &key, &owner, flag(1, "heartbeat"));
                 let bytes = match self.reassembly.take(&key, &owner) {
                     Ok(b) => b,
                     Err(e) => return (Err(err(e.0)), None),
@@ -563,8 +576,16 @@ impl Engine {
                 return (Err(err(e.0.clone())), None);
             }
         }
-        self.touch_session(now, &key, heartbeat);
+        self.touch_session_of(now, &key, &owner, heartbeat);
         (result.map(|()| Value::Nil).map_err(|e| err(e.0)), None)
+    }
+
+    /// Like [`Engine::touch_session`], only when `key` is a call of ours to `peer`: a stranger's
+    /// uploads must not keep our calls alive.
+    pub(super) fn touch_session_of(&mut self, now: Instant, key: &str, peer: &str, heartbeat: bool) {
+        if self.sessions.get(key).is_some_and(|p| p.target == peer) {
+            self.touch_session(now, key, heartbeat);
+        }
     }
 
     /// A chunked reply to our call `key` is arriving: its progress counts as a heartbeat.
