@@ -188,8 +188,9 @@ pub enum Event {
     },
     /// Local code must run; answer with [`Engine::reply`](crate::Engine::reply).
     Invoke(Invocation),
-    /// An invocation's caller went away: its reply would go nowhere. The driver may stop the
-    /// work; `reply` for it is accepted and ignored.
+    /// An invocation's caller left (the server said so). The driver may stop the work. If it
+    /// replies anyway the reply is still sent: a caller that reconnects under the same id gets
+    /// it, as with Python; otherwise the server drops it.
     InvokeCancelled {
         /// The invocation.
         id: InvokeId,

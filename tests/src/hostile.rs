@@ -329,6 +329,9 @@ pub struct Tap {
     /// The engine.
     pub engine: Engine,
     ws: WebSocket<TcpStream>,
+    /// Where to reconnect when the engine asks for the socket to be closed.
+    url: String,
+    max_frame: usize,
     origin: StdInstant,
     /// Settled calls by id (taken out by [`Tap::take`]).
     pub settled: BTreeMap<CallId, Result<Value, CallError>>,
@@ -353,12 +356,15 @@ pub struct Tap {
 impl Tap {
     /// Connects and drives the handshake until `Connected`.
     pub fn connect(ws_url: &str, config: EngineConfig) -> Result<Tap, String> {
-        let ws = open_ws(ws_url, config.limits.max_frame_bytes)?;
+        let max_frame = config.limits.max_frame_bytes;
+        let ws = open_ws(ws_url, max_frame)?;
         let mut engine = Engine::new(config, Instant::ZERO);
         engine.handle_transport_open(Instant::ZERO).map_err(|e| e.to_string())?;
         let mut t = Tap {
             engine,
             ws,
+            url: ws_url.to_string(),
+            max_frame,
             origin: StdInstant::now(),
             settled: BTreeMap::new(),
             events: Vec::new(),
@@ -491,8 +497,17 @@ impl Tap {
                     }
                     Message::binary(b.to_vec())
                 }
-                Transmit::Close { .. } => {
+                Transmit::Close { code, reason } => {
+                    // Close, then reconnect as a client adapter does (the engine refuses a new
+                    // transport once it was closed for good).
                     let _ = self.ws.close(None);
+                    let now = self.now();
+                    self.engine.handle_transport_closed(now, Some(code), &reason);
+                    if let Ok(ws) = open_ws(&self.url, self.max_frame) {
+                        if self.engine.handle_transport_open(now).is_ok() {
+                            self.ws = ws;
+                        }
+                    }
                     continue;
                 }
             };

@@ -379,7 +379,11 @@ fn a_hostile_raw_client_through_the_real_server() {
     let started = t0.elapsed();
 
     // The victim, anonymous in its own workspace, serving `svc`.
-    let mut v = Tap::connect(&url, EngineConfig::new("victim")).expect("the victim connects");
+    // Checks every second that the server still lists it (PROTOCOL.md §3.3.1 rule 7), so the
+    // duplicate-login step sees it recover within its few seconds.
+    let mut victim_config = EngineConfig::new("victim");
+    victim_config.registration_check_interval = Some(hypha_rpc_core::time::Duration::from_secs(1));
+    let mut v = Tap::connect(&url, victim_config).expect("the victim connects");
     v.handler = Some(Box::new(victim_handler));
     let now = v.now();
     let reg = v.engine.register_service(now, victim_service()).unwrap();
@@ -471,16 +475,9 @@ fn a_hostile_raw_client_through_the_real_server() {
         ("malformed msgpack", malformed, None),
         ("t = 0", zero_interval, None),
         // Last: it leaves the victim unreachable.
-        (
-            "duplicate login",
-            duplicate_login,
-            Some(
-                "PROTOCOL.md §3.3.1 rule 7 is not implemented: nothing in the engine checks that its \
-                 `built-in` (and services) are still registered while the socket stays open, so after \
-                 a failed duplicate login (which makes hypha 0.21.137 remove the active client) the \
-                 engine stays Ready but unreachable until its socket drops",
-            ),
-        ),
+        // The engine notices the server dropped it (its periodic registration check) and
+        // reconnects: PROTOCOL.md §3.3.1 rule 7.
+        ("duplicate login", duplicate_login, None),
     ];
     for (name, step, known_bug) in steps {
         let t = StdInstant::now();

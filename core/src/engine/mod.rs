@@ -116,6 +116,11 @@ pub struct EngineConfig {
     /// How often to refresh the reconnection token. Default 7200 s, lowered to
     /// `reconnection_token_life_time / 1.5` when that is shorter.
     pub token_refresh_interval: Duration,
+    /// How often to check that the server still lists our `built-in` service (PROTOCOL.md
+    /// §3.3.1 rule 7: hypha 0.21.137 can forget a client whose socket stays open, for example
+    /// after a refused duplicate login). When it does not, the engine registers everything
+    /// again. `None` disables the check. Default 60 s.
+    pub registration_check_interval: Option<Duration>,
     /// Caps on everything peers can make us hold.
     pub limits: Limits,
     /// Size of the chunks a large message is cut into. Default 262 144, as Python; frames
@@ -140,6 +145,7 @@ impl EngineConfig {
             ping_interval: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(30),
             token_refresh_interval: Duration::from_secs(7200),
+            registration_check_interval: Some(Duration::from_secs(60)),
             limits: Limits::default(),
             chunk_size: 262_144,
             transport_max_message: 16 * 1024 * 1024,
@@ -183,6 +189,8 @@ enum Internal {
     },
     /// An unregistration the user made while the link was down (best effort).
     Unregister,
+    /// The periodic check that the server still lists our `built-in`.
+    CheckRegistration,
 }
 
 #[derive(Debug)]
@@ -224,6 +232,7 @@ pub struct Engine {
     backlog: VecDeque<(Option<String>, Bytes)>,
     next_ping: Option<Instant>,
     next_refresh: Option<Instant>,
+    next_check: Option<Instant>,
     ever_ready: bool,
     me: Str,
     reassembly: Reassembly,
@@ -261,6 +270,7 @@ impl Engine {
             backlog: VecDeque::new(),
             next_ping: None,
             next_refresh: None,
+            next_check: None,
             ever_ready: false,
             me: Str::default(),
             reassembly: Reassembly::default(),
@@ -352,6 +362,7 @@ impl Engine {
             consider(self.beats.first().map(|(t, _)| *t));
             consider(self.next_ping);
             consider(self.next_refresh);
+            consider(self.next_check);
         }
         t
     }
@@ -392,6 +403,7 @@ impl Engine {
                 self.state = State::Idle;
                 self.next_ping = None;
                 self.next_refresh = None;
+                self.next_check = None;
                 // Binary frames the driver never took go out again after the reconnection.
                 let unsent: Vec<_> = self.transmits.drain(..).collect();
                 for t in unsent.into_iter().rev() {
@@ -585,6 +597,26 @@ impl Engine {
             self.transmits.push_back(Transmit::Text(connection::control("ping")));
             self.next_ping = Some(now + self.config.ping_interval);
         }
+        if self.state == State::Ready && self.next_check.is_some_and(|t| t <= now) {
+            self.next_check = self.config.registration_check_interval.map(|i| now + i);
+            // Our services as the server lists them; the answer must name all of ours.
+            let mut query = Map::new();
+            query.push("workspace", self.workspace());
+            query.push("client_id", self.config.client_id.as_str());
+            let mut kwargs = Map::new();
+            kwargs.push("include_unlisted", true);
+            if let Ok(t) = self.manager_method("list_services") {
+                let internal = Some(Internal::CheckRegistration);
+                let _ = self.call_inner(
+                    now,
+                    &t,
+                    vec![Value::Map(query)],
+                    Some(kwargs),
+                    CallOptions::default(),
+                    internal,
+                );
+            }
+        }
         if self.next_refresh.is_some_and(|t| t <= now) {
             self.transmits.push_back(Transmit::Text(connection::control("refresh_token")));
             self.next_refresh = Some(now + self.refresh_interval());
@@ -714,7 +746,7 @@ impl Engine {
         // Returned local functions and generators live in a new session that only the caller
         // may call (Python: the callee's `S'`, PROTOCOL.md §5.4).
         if let Ok(v) = &mut payload {
-            if contains_local_function(v) && !a.cancelled && !matches!(a.route, Route::None) {
+            if contains_local_function(v) && !matches!(a.route, Route::None) {
                 let max = self.config.limits.max_exports;
                 if self.exports.len() >= max {
                     return Err(EngineError::LimitReached { what: "sessions of returned functions", max });
@@ -745,9 +777,6 @@ impl Engine {
             if is_stop_iteration(v) {
                 self.forget_generator(s, key);
             }
-        }
-        if a.cancelled {
-            return Ok(());
         }
         let (slot, value) = match payload {
             Ok(v) => (Slot::Resolve, v),
@@ -807,6 +836,7 @@ impl Engine {
         self.transmits.clear();
         self.next_ping = None;
         self.next_refresh = None;
+        self.next_check = None;
         if was_connected {
             self.transmits.push_back(Transmit::Close { code: 1000, reason: String::new() });
         }
@@ -874,6 +904,7 @@ impl Engine {
         let reconnected = self.ever_ready;
         self.ever_ready = true;
         self.state = State::Ready;
+        self.next_check = self.config.registration_check_interval.map(|i| now + i);
         let Some(info) = self.info.clone() else { return };
         tracing::info!(workspace = %info.workspace, manager = %info.manager_id, reconnected, "connected");
         self.events.push_back(Event::Connected { info, reconnected });
@@ -1098,9 +1129,9 @@ impl Engine {
         let bytes = encode_frame(&frame);
         match &internal {
             // The engine's own registration calls go out while still registering.
-            Some(Internal::Builtin | Internal::Subscribe | Internal::Restore(_)) => {
-                self.transmits.push_back(Transmit::Binary(bytes))
-            }
+            Some(
+                Internal::Builtin | Internal::Subscribe | Internal::Restore(_) | Internal::CheckRegistration,
+            ) => self.transmits.push_back(Transmit::Binary(bytes)),
             Some(Internal::Chunk { .. } | Internal::Unregister) => self.send(bytes)?,
             None if bytes.len() > self.chunk_threshold() => {
                 let key = self.rng.short_id();
@@ -1204,6 +1235,58 @@ impl Engine {
             }
             Some(Internal::Chunk { upload, step }) => self.upload_progress(now, upload, step, result),
             Some(Internal::Unregister) => {}
+            Some(Internal::CheckRegistration) => {
+                // A listing that lacks one of ours, or no answer at all (replies no longer
+                // routed to us); other errors (an older server) prove nothing.
+                let lost = match &result {
+                    Ok(Value::Array(listed)) => {
+                        let ids: Vec<&str> =
+                            listed.iter().filter_map(|s| s.as_map()?.get("id")?.as_str()).collect();
+                        let mine =
+                            core::iter::once("built-in").chain(self.services.iter().map(|s| s.id.as_str()));
+                        let missing = mine.map(|id| format!("{}:{id}", self.me)).find(|full| {
+                            !ids.iter().any(|l| l == full || l.starts_with(&format!("{full}@")))
+                        });
+                        missing.map(|m| format!("the server no longer lists {m}"))
+                    }
+                    Err(CallError::Timeout { .. }) => Some("no answer from the manager".into()),
+                    // The server dropped this connection while our socket stays open: only a
+                    // new connection helps (the driver reconnects after the close).
+                    Err(CallError::Remote { message, .. })
+                        if message.contains("Connection has already been closed") =>
+                    {
+                        tracing::warn!(%message, "the server dropped this connection; reconnecting");
+                        self.transmits.push_back(Transmit::Close {
+                            code: 1000,
+                            reason: "connection lost server-side".into(),
+                        });
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(e) = lost {
+                    if self.state == State::Ready {
+                        // The server forgot us while the socket stayed open: register again
+                        // (built-in first, then every service); if even that fails, the
+                        // built-in failure path asks the driver to reconnect.
+                        tracing::warn!(error = %e, "the server no longer lists our built-in service");
+                        self.state = State::Registering;
+                        let builtin =
+                            self.builtin_spec().registration(self.workspace(), &self.config.client_id);
+                        if let Ok(target) = self.manager_method("register_service") {
+                            let internal = Some(Internal::Builtin);
+                            let _ = self.call_inner(
+                                now,
+                                &target,
+                                vec![builtin],
+                                None,
+                                CallOptions::default(),
+                                internal,
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -1218,11 +1301,11 @@ impl Engine {
             self.settle(now, s, Err(CallError::PeerDisconnected { peer: peer.into() }));
         }
         for (id, a) in self.active.iter_mut() {
+            // Advisory only: the caller may come back under the same id (a reconnection), and
+            // then the reply still reaches it, as with Python; heartbeats and the reply go out
+            // as usual, and the server drops them if it never does.
             if a.caller == peer && !a.cancelled {
                 a.cancelled = true;
-                if let Some(t) = a.beat_at.take() {
-                    self.beats.remove(&(t, *id));
-                }
                 self.events.push_back(Event::InvokeCancelled { id: *id });
             }
         }
