@@ -51,6 +51,12 @@ pub enum CallError {
         /// What happened.
         reason: String,
     },
+    /// The engine could not send the call (a limit in force, or it was closed meanwhile).
+    #[error("the call could not be sent: {reason}")]
+    Refused {
+        /// Why.
+        reason: String,
+    },
     /// We closed the connection ourselves ([`Engine::close`](crate::Engine::close)).
     #[error("connection closed by the client")]
     Closed,

@@ -28,7 +28,9 @@ pub struct Limits {
     pub max_str_len: usize,
     /// Longest binary or ext payload, in bytes. Default 16 MiB.
     pub max_bin_len: usize,
-    /// Most calls waiting for a reply at once (ours and the engine's own). Default 10 000.
+    /// Most calls waiting for a reply at once. User calls beyond it are refused; the engine's
+    /// own registration calls (built-in, subscription, one per service, the registration
+    /// check) still go out, so they may exceed it by that handful. Default 10 000.
     pub max_pending_calls: usize,
     /// Most incoming calls being served at once; more are rejected. Default 1024.
     pub max_active_invocations: usize,

@@ -40,6 +40,8 @@ pub(super) struct Locals {
     pub(super) peer: String,
     pub(super) functions: Vec<(String, FnId)>,
     pub(super) generators: Vec<(String, GenId)>,
+    /// Interfaces created for this value (dropped again if it cannot be sent).
+    pub(super) interfaces: Vec<String>,
     /// Set when an interface could not be created (limit reached).
     pub(super) error: Option<EngineError>,
 }
@@ -166,6 +168,7 @@ impl Engine {
         encoded.insert("_dispose", descriptor("_dispose", "_dispose", true));
         encoded.insert("_rintf_service_id", sid.as_str());
         *m = encoded;
+        out.interfaces.push(sid.clone());
         self.interfaces.insert(sid, Interface { peer: out.peer.clone(), functions });
     }
 

@@ -362,6 +362,8 @@ impl Engine {
             consider(self.beats.first().map(|(t, _)| *t));
             consider(self.next_ping);
             consider(self.next_refresh);
+        }
+        if self.state == State::Ready {
             consider(self.next_check);
         }
         t
@@ -745,6 +747,8 @@ impl Engine {
         };
         // Returned local functions and generators live in a new session that only the caller
         // may call (Python: the callee's `S'`, PROTOCOL.md §5.4).
+        let mut export_session = None;
+        let mut created = Vec::new();
         if let Ok(v) = &mut payload {
             if contains_local_function(v) && !matches!(a.route, Route::None) {
                 let max = self.config.limits.max_exports;
@@ -755,7 +759,11 @@ impl Engine {
                 let s = self.rng.short_id();
                 let mut locals = Locals { peer: peer.clone(), ..Locals::default() };
                 self.replace_locals(v, &s, true, &mut locals);
+                created = core::mem::take(&mut locals.interfaces);
                 if let Some(e) = locals.error {
+                    for sid in created {
+                        self.interfaces.remove(&sid);
+                    }
                     return Err(e);
                 }
                 if !locals.functions.is_empty() || !locals.generators.is_empty() {
@@ -765,7 +773,8 @@ impl Engine {
                         generators: locals.generators,
                         last_used: now,
                     };
-                    self.exports.insert(s, export);
+                    self.exports.insert(s.clone(), export);
+                    export_session = Some(s);
                 }
             }
         }
@@ -785,7 +794,16 @@ impl Engine {
         if let Some(addr) = slot_address(&a.route, &a.caller, a.session.as_deref(), slot) {
             let to = addr.0.clone();
             let frame = self.fire_frame(addr, a.session.as_deref(), Some(value));
-            self.send_reply(now, to, a.session, encode_frame(&frame))?;
+            if let Err(e) = self.send_reply(now, to, a.session, encode_frame(&frame)) {
+                // Nobody will ever hear of what the reply carried: free it.
+                if let Some(s) = export_session {
+                    self.exports.remove(&s);
+                }
+                for sid in created {
+                    self.interfaces.remove(&sid);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -935,12 +953,17 @@ impl Engine {
             let Ok(target) = self.manager_method("register_service") else { continue };
             let mut calls = deferred.iter().filter(|(_, d)| *d == id).map(|(c, _)| *c).peekable();
             if calls.peek().is_none() {
-                let internal = Some(Internal::Restore(id));
-                let _ = self.call_inner(now, &target, vec![info], None, CallOptions::default(), internal);
+                let internal = Some(Internal::Restore(id.clone()));
+                if let Err(e) =
+                    self.call_inner(now, &target, vec![info], None, CallOptions::default(), internal)
+                {
+                    let error = CallError::Refused { reason: e.to_string() };
+                    self.events.push_back(Event::ServiceRestoreFailed { service: id, error });
+                }
                 continue;
             }
             for call in calls {
-                let _ = self.call_with_id(
+                let sent = self.call_with_id(
                     now,
                     call,
                     &target,
@@ -949,8 +972,16 @@ impl Engine {
                     CallOptions::default(),
                     None,
                 );
-                if let Some(p) = self.sessions.values_mut().find(|p| p.id == call) {
-                    p.registers = Some(id.clone());
+                match sent {
+                    Ok(()) => {
+                        if let Some(p) = self.sessions.values_mut().find(|p| p.id == call) {
+                            p.registers = Some(id.clone());
+                        }
+                    }
+                    Err(e) => {
+                        let result = Err(CallError::Refused { reason: e.to_string() });
+                        self.events.push_back(Event::CallSettled { id: call, result });
+                    }
                 }
             }
         }
@@ -1047,7 +1078,15 @@ impl Engine {
             _ => {}
         }
         let limits = &self.config.limits;
-        if self.sessions.len() >= limits.max_pending_calls {
+        // The engine's own registration bookkeeping (a handful of calls) must get through even
+        // when users filled the table, or the engine could never become ready again.
+        let own = matches!(
+            internal,
+            Some(
+                Internal::Builtin | Internal::Subscribe | Internal::Restore(_) | Internal::CheckRegistration
+            )
+        );
+        if !own && self.sessions.len() >= limits.max_pending_calls {
             return Err(EngineError::LimitReached { what: "pending calls", max: limits.max_pending_calls });
         }
         let wants_reply = matches!(target.promise, Some(PromiseMode::Compact | PromiseMode::Full));
@@ -1078,6 +1117,9 @@ impl Engine {
                 self.replace_locals(a, &s, false, &mut locals);
             }
             if let Some(e) = locals.error.take() {
+                for sid in core::mem::take(&mut locals.interfaces) {
+                    self.interfaces.remove(&sid);
+                }
                 return Err(e);
             }
         }
@@ -1127,38 +1169,51 @@ impl Engine {
         }
         let frame = Frame { main, extra: (!extra.is_empty()).then_some(extra) };
         let bytes = encode_frame(&frame);
-        match &internal {
+        // Registered before anything is sent, so a chunked upload's progress finds it; undone
+        // below if the frame cannot be sent.
+        let created = core::mem::take(&mut locals.interfaces);
+        if let Some(s) = &session {
+            let deadline = now + timeout;
+            self.deadlines.insert((deadline, s.clone()));
+            let pending = Pending {
+                id,
+                target: to.clone(),
+                method: target.method.clone(),
+                timeout,
+                deadline,
+                internal: internal.clone(),
+                callbacks: locals.functions,
+                generators: locals.generators,
+                registers: None,
+            };
+            self.sessions.insert(s.clone(), pending);
+        }
+        let sent = match &internal {
             // The engine's own registration calls go out while still registering.
             Some(
                 Internal::Builtin | Internal::Subscribe | Internal::Restore(_) | Internal::CheckRegistration,
-            ) => self.transmits.push_back(Transmit::Binary(bytes)),
-            Some(Internal::Chunk { .. } | Internal::Unregister) => self.send(bytes)?,
+            ) => {
+                self.transmits.push_back(Transmit::Binary(bytes));
+                Ok(())
+            }
+            Some(Internal::Chunk { .. } | Internal::Unregister) => self.send(bytes),
             None if bytes.len() > self.chunk_threshold() => {
                 let key = self.rng.short_id();
-                self.start_upload(now, to.clone(), key, false, bytes, session.clone())?;
+                self.start_upload(now, to.clone(), key, false, bytes, session.clone())
             }
-            None => self.send_for(session.as_deref(), bytes)?,
+            None => self.send_for(session.as_deref(), bytes),
+        };
+        if let Err(e) = sent {
+            if let Some(s) = &session {
+                self.forget_session(s);
+            }
+            for sid in created {
+                self.interfaces.remove(&sid);
+            }
+            return Err(e);
         }
-        match session {
-            Some(s) => {
-                let deadline = now + timeout;
-                self.deadlines.insert((deadline, s.clone()));
-                self.sessions.insert(
-                    s,
-                    Pending {
-                        id,
-                        target: to,
-                        method: target.method.clone(),
-                        timeout,
-                        deadline,
-                        internal,
-                        callbacks: locals.functions,
-                        generators: locals.generators,
-                        registers: None,
-                    },
-                );
-            }
-            None => self.events.push_back(Event::CallSettled { id, result: Ok(Value::Nil) }),
+        if session.is_none() {
+            self.events.push_back(Event::CallSettled { id, result: Ok(Value::Nil) });
         }
         Ok(())
     }
@@ -1218,7 +1273,9 @@ impl Engine {
             Some(Internal::Builtin) => match result {
                 Ok(_) => self.became_ready(now),
                 Err(e) => {
-                    self.state = State::Idle;
+                    // The state stays as it is until the driver reports the transport closed,
+                    // so `handle_transport_closed` does the whole clean-up (interfaces,
+                    // uploads, Disconnected) as for any other lost connection.
                     self.events.push_back(Event::ConnectionFailed {
                         error: ConnectError::BuiltinRejected(e.to_string()),
                         permanent: false,

@@ -85,7 +85,11 @@ impl Engine {
         let chunk = self.chunk_size();
         self.uploads
             .insert(id, Upload { target, key, heartbeat, data, chunk, next: 0, acked: 0, call_session });
-        self.upload_step(now, id, ChunkStep::Create)
+        let started = self.upload_step(now, id, ChunkStep::Create);
+        if started.is_err() {
+            self.uploads.remove(&id);
+        }
+        started
     }
 
     /// Sends one step of upload `id` as a call of the receiver's `built-in.message_cache`.
