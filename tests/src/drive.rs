@@ -102,10 +102,12 @@ pub fn connect(
     d
 }
 
-/// A fresh engine with a fixed seed.
+/// A fresh engine with a fixed seed, for scripted tests: no manager answers here, so the
+/// periodic registration check is off (tests/tests/registration_check.rs turns it on).
 pub fn engine(client_id: &str, seed: u64) -> Engine {
     let mut config = EngineConfig::new(client_id);
     config.seed = seed;
+    config.registration_check_interval = None;
     Engine::new(config, Instant::ZERO)
 }
 

@@ -6,9 +6,10 @@
 //!   websocket "link" (a hub [`ConnId`]) and drives until [`Event::Connected`]. A link can be
 //!   dropped ([`Sim::drop_link`]: both ends notice), cut ([`Sim::cut_link`]: only the client
 //!   notices, the hub keeps a half-open connection), reopened ([`Sim::reconnect`]), or the
-//!   client can vanish for good ([`Sim::kill_client`]). After a close the *hub* initiated
-//!   (restart, idle timeout), a client reconnects by itself like the Python client does: at once,
-//!   then with a 1 s, 2 s, 4 s ... (≤ 60 s) backoff while attempts fail.
+//!   client can vanish for good ([`Sim::kill_client`]); [`Sim::reconnect_after`] schedules a
+//!   reconnection without waiting for it. After a close the *hub* initiated (restart, idle
+//!   timeout), a client reconnects by itself like the Python client does: at once, then with a
+//!   1 s, 2 s, 4 s ... (≤ 60 s) backoff while attempts fail.
 //! - **Links.** Messages travel through two FIFO queues per link, each with the link's latency
 //!   ([`Sim::set_latency`]; zero by default). Messages in flight on a link that dies are lost.
 //! - **Virtual time.** [`Sim::now`] is a [`hypha_rpc_core::time::Instant`] in microseconds.
@@ -23,9 +24,14 @@
 //!   handler: nothing of that client runs meanwhile, so no heartbeats), never answer, or call
 //!   something first (a callback, another service) and answer from its result.
 //! - **Book-keeping.** Every event is logged per client with its time; every call id the
-//!   harness started is tracked, a second settlement of any call panics at once, and
-//!   [`Sim::finish`] checks that every call settled and every engine is back to no pending call.
-//!   Every message exchanged is recorded in [`Sim::trace`] and hashed ([`Sim::frame_hash`]).
+//!   harness started is tracked ([`Sim::try_command`] starts any call without panicking on a
+//!   refusal), a second settlement of any call panics at once, and [`Sim::finish`] checks that
+//!   every call settled and every engine is back to no pending call. Every message exchanged
+//!   is recorded in [`Sim::trace`] and hashed ([`Sim::frame_hash`]). A replied value the
+//!   engine refuses (a limit) is answered with an error instead ([`Sim::reply_failures`]).
+//! - **Guards.** [`Sim::set_checker`] runs invariants after every quiescent [`Sim::drive`];
+//!   a drive that never quiesces panics ("livelock"), and so do steps that never let virtual
+//!   time move on ("stalled", [`Sim::stall_limit`]).
 //!
 //! Everything is deterministic: no clocks, no threads, no hashing with random state.
 
@@ -38,8 +44,8 @@ use hypha_rpc_core::codec::rtype::{Generator, Method, RTypeCodec, RemoteError};
 use hypha_rpc_core::codec::{Frame, decode_frame};
 use hypha_rpc_core::time::{Duration, Instant};
 use hypha_rpc_core::{
-    CallError, CallId, CallOptions, ConnectError, ConnectionInfo, Engine, EngineConfig, Event, InputError,
-    Invocation, InvokeId, InvokeTarget, Limits, Map, ServiceSpec, Transmit, Value,
+    CallError, CallId, CallOptions, ConnectError, ConnectionInfo, Engine, EngineConfig, EngineError, Event,
+    InputError, Invocation, InvokeId, InvokeTarget, Limits, Map, ServiceSpec, Transmit, Value,
 };
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
@@ -52,6 +58,11 @@ pub const DEFAULT_LIVELOCK_LIMIT: u64 = 100_000;
 pub const DEFAULT_STEP_LIMIT: u64 = 1_000_000;
 /// Virtual time one [`Sim::run_until`] with a predicate may spend.
 pub const DEFAULT_HORIZON: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Steps [`Sim::step`] may take in a row without virtual time moving on.
+pub const DEFAULT_STALL_LIMIT: u64 = 100_000;
+
+/// A check run after every [`Sim::drive`] reached quiescence (see [`Sim::set_checker`]).
+pub type Checker = Box<dyn FnMut(&Sim)>;
 
 /// A client of the simulation (an index, not the hypha client id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -264,6 +275,12 @@ struct Peer {
     issued: BTreeSet<CallId>,
     open_invocations: BTreeSet<InvokeId>,
     nested: BTreeMap<CallId, Nested>,
+    /// Settlements of calls the harness never started (made through [`Sim::engine_mut`], or
+    /// invented by the engine).
+    untracked: u64,
+    /// Replies the engine refused ([`Engine::reply`] errors), and handler calls that could not
+    /// start: each was answered with an error instead.
+    reply_failures: Vec<(Instant, InvokeId, String)>,
 }
 
 enum Timer {
@@ -297,6 +314,11 @@ pub struct Sim {
     pub step_limit: u64,
     /// Virtual time one [`Sim::run_until`] with a predicate may spend before it panics.
     pub horizon: Duration,
+    /// Steps [`Sim::step`] may take in a row at the same instant before it panics ("stalled"):
+    /// a timer that keeps firing without letting time move on.
+    pub stall_limit: u64,
+    stalled_steps: u64,
+    checker: Option<Checker>,
 }
 
 impl Sim {
@@ -317,7 +339,17 @@ impl Sim {
             livelock_limit: DEFAULT_LIVELOCK_LIMIT,
             step_limit: DEFAULT_STEP_LIMIT,
             horizon: DEFAULT_HORIZON,
+            stall_limit: DEFAULT_STALL_LIMIT,
+            stalled_steps: 0,
+            checker: None,
         }
+    }
+
+    /// Runs `check` every time [`Sim::drive`] reaches quiescence (after every command, every
+    /// [`Sim::step`] and every fault): a place for invariants that must hold at every step. It
+    /// panics to report a violation. `None` removes it.
+    pub fn set_checker(&mut self, check: Option<Checker>) {
+        self.checker = check;
     }
 
     // ---- clients ----------------------------------------------------------------------------
@@ -350,6 +382,8 @@ impl Sim {
             issued: BTreeSet::new(),
             open_invocations: BTreeSet::new(),
             nested: BTreeMap::new(),
+            untracked: 0,
+            reply_failures: Vec::new(),
         });
         id
     }
@@ -450,6 +484,14 @@ impl Sim {
         self.peer_mut(c).auto_reconnect = on;
     }
 
+    /// Schedules `c` to open a new link after `delay` (without waiting for the handshake, unlike
+    /// [`Sim::reconnect`]). Nothing happens then if `c` has a link, is dead or closed; a client
+    /// blocked by a synchronous handler reconnects once it is free.
+    pub fn reconnect_after(&mut self, c: ClientId, delay: Duration) {
+        let at = self.now + delay;
+        self.add_timer(at, Timer::Reconnect(c));
+    }
+
     // ---- user code ----------------------------------------------------------------------------
 
     /// Registers `spec` on `c` with a handler per function path (`"add"`, `"nested.f"`).
@@ -527,6 +569,25 @@ impl Sim {
         let now = self.now;
         let id = self.peer_mut(c).engine.generator_close(now, generator).expect("Engine::generator_close");
         self.track(c, id)
+    }
+
+    /// Runs a command on `c`'s engine that starts a call (`call`, `get_service`,
+    /// `register_service`, `generator_next`, ...), tracks the call like [`Sim::call`] does and
+    /// drives; the engine's refusal comes back instead of a panic.
+    pub fn try_command(
+        &mut self,
+        c: ClientId,
+        command: impl FnOnce(&mut Engine, Instant) -> Result<CallId, EngineError>,
+    ) -> Result<CallId, EngineError> {
+        let now = self.now;
+        let id = command(&mut self.peer_mut(c).engine, now);
+        match id {
+            Ok(id) => Ok(self.track(c, id)),
+            Err(e) => {
+                self.drive();
+                Err(e)
+            }
+        }
     }
 
     fn track(&mut self, c: ClientId, id: CallId) -> CallId {
@@ -705,6 +766,49 @@ impl Sim {
         self.peer(c).dead
     }
 
+    /// Whether `c` was closed ([`Sim::close_client`]).
+    pub fn is_closed(&self, c: ClientId) -> bool {
+        self.peer(c).closed
+    }
+
+    /// Whether a synchronous handler blocks `c` now ([`Reply::Blocking`]).
+    pub fn is_blocked(&self, c: ClientId) -> bool {
+        self.peer(c).blocked_until.is_some()
+    }
+
+    /// Invocations `c`'s user code has not answered yet.
+    pub fn open_invocations(&self, c: ClientId) -> usize {
+        self.peer(c).open_invocations.len()
+    }
+
+    /// Calls the harness started on `c` that have not settled yet.
+    pub fn unsettled(&self, c: ClientId) -> usize {
+        let p = self.peer(c);
+        p.issued.iter().filter(|id| !p.settled.contains_key(id)).count()
+    }
+
+    /// Settlements `c`'s engine reported for calls the harness never started.
+    pub fn untracked_settlements(&self, c: ClientId) -> u64 {
+        self.peer(c).untracked
+    }
+
+    /// Replies `c`'s engine refused and handler calls it could not start: when, for which
+    /// invocation, and why. Each invocation was answered with an error instead.
+    pub fn reply_failures(&self, c: ClientId) -> &[(Instant, InvokeId, String)] {
+        &self.peer(c).reply_failures
+    }
+
+    /// Scheduled replies and reconnections not fired yet.
+    pub fn pending_timers(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Messages travelling on links (both ways, closing links included) and not delivered yet.
+    pub fn in_flight(&self) -> usize {
+        let links = self.peers.iter().filter_map(|p| p.link.as_ref()).map(|l| l.up.len() + l.down.len());
+        links.sum::<usize>() + self.closing.iter().map(|(_, l)| l.up.len()).sum::<usize>()
+    }
+
     /// The longest binary message exchanged so far (either way, delivered or not), in bytes.
     pub fn largest_frame(&self) -> usize {
         self.trace
@@ -789,12 +893,48 @@ impl Sim {
         t
     }
 
+    /// What is due now (for the "stalled" diagnosis).
+    fn due_now(&self) -> String {
+        let now = self.now;
+        let mut due = Vec::new();
+        for p in self.peers.iter().filter(|p| !p.dead) {
+            let blocked = if p.blocked_until.is_some() { " (blocked)" } else { "" };
+            if p.engine.poll_timeout().is_some_and(|t| t <= now) {
+                due.push(format!("{}'s engine timer{blocked} (ready: {})", p.name, p.engine.is_ready()));
+            }
+            if let Some(l) = &p.link {
+                if l.up.front().is_some_and(|(t, _)| *t <= now)
+                    || l.down.front().is_some_and(|(t, _)| *t <= now)
+                {
+                    due.push(format!("a message on {}'s link{blocked}", p.name));
+                }
+            }
+        }
+        if self.hub.next_deadline().is_some_and(|d| d <= now.as_micros()) {
+            due.push("the hub's timer".into());
+        }
+        if self.timers.keys().next().is_some_and(|(t, _)| *t <= now) {
+            due.push("a scheduled reply or reconnection".into());
+        }
+        due.join(", ")
+    }
+
     /// Advances to the earliest deadline (never backwards), fires everything due then, and
     /// drives. `None` when nothing will ever happen again.
     pub fn step(&mut self) -> Option<Instant> {
         let t = self.next_deadline()?;
         if t > self.now {
             self.now = t;
+            self.stalled_steps = 0;
+        } else {
+            self.stalled_steps += 1;
+            assert!(
+                self.stalled_steps <= self.stall_limit,
+                "stalled: {} steps at {:?} without time moving on; due: {}",
+                self.stalled_steps,
+                self.now,
+                self.due_now()
+            );
         }
         let now = self.now;
         for p in &mut self.peers {
@@ -863,6 +1003,10 @@ impl Sim {
             moved += self.route_hub_output();
             moved += self.deliver_down();
             if moved == 0 {
+                if let Some(mut check) = self.checker.take() {
+                    check(self);
+                    self.checker = Some(check);
+                }
                 return;
             }
             total += moved;
@@ -952,6 +1096,7 @@ impl Sim {
             }
             let timer = entry.remove();
             fired += 1;
+            assert!(fired <= self.livelock_limit, "livelock: {fired} timers fired at {:?}", self.now);
             match timer {
                 Timer::Reply { client, invoke, result, unblock } => {
                     let p = self.peer_mut(client);
@@ -968,6 +1113,12 @@ impl Sim {
                     self.answer(client, invoke, result);
                 }
                 Timer::Reconnect(c) => {
+                    // A client killed while a synchronous handler blocked it stays "blocked"
+                    // for ever (its unblocking reply is skipped): never wait for it.
+                    if self.peer(c).dead || self.peer(c).closed {
+                        self.peer_mut(c).reconnect_scheduled = false;
+                        continue;
+                    }
                     if let Some(until) = self.peer(c).blocked_until {
                         self.add_timer(until, Timer::Reconnect(c));
                         continue;
@@ -1040,6 +1191,9 @@ impl Sim {
                         p.name
                     );
                 }
+                if !p.issued.contains(&id) {
+                    p.untracked += 1;
+                }
                 p.settled.insert(id, (now, result.clone()));
                 if let Some(n) = p.nested.remove(&id) {
                     let reply = (n.then)(result);
@@ -1085,12 +1239,18 @@ impl Sim {
             Reply::Call { target, args, kwargs, then } => {
                 let p = self.peer_mut(c);
                 let options = CallOptions { parent: session.clone(), ..CallOptions::default() };
-                let id = match p.engine.call(now, &target, args, kwargs, options) {
-                    Ok(id) => id,
-                    Err(e) => panic!("{}: a handler's call of {target:?} could not start: {e}", p.name),
-                };
-                p.issued.insert(id);
-                p.nested.insert(id, Nested { invoke, session, then });
+                match p.engine.call(now, &target, args, kwargs, options) {
+                    Ok(id) => {
+                        p.issued.insert(id);
+                        p.nested.insert(id, Nested { invoke, session, then });
+                    }
+                    Err(e) => {
+                        // The handler's call raises (a limit, a closed engine): so does the handler.
+                        let why = format!("a handler's call of {} could not start: {e}", target.method);
+                        p.reply_failures.push((now, invoke, why.clone()));
+                        self.answer(c, invoke, Err(remote_error(why)));
+                    }
+                }
             }
         }
     }
@@ -1099,8 +1259,20 @@ impl Sim {
         let now = self.now;
         let p = self.peer_mut(c);
         p.open_invocations.remove(&invoke);
-        if let Err(e) = p.engine.reply(now, invoke, result) {
-            assert!(p.dead || p.closed, "{}: reply to {invoke:?} failed: {e}", p.name);
+        match p.engine.reply(now, invoke, result) {
+            Ok(()) => {}
+            Err(e @ EngineError::LimitReached { .. }) => {
+                // The reply cannot be sent (too many returned sessions or interfaces, a full
+                // backlog): the handler raises instead, as a Python handler whose result cannot
+                // be sent would. The invocation may already be gone (a full backlog).
+                let why = format!("reply to {invoke:?} refused: {e}");
+                p.reply_failures.push((now, invoke, why.clone()));
+                match p.engine.reply(now, invoke, Err(remote_error(why))) {
+                    Ok(()) | Err(EngineError::UnknownInvocation) | Err(EngineError::LimitReached { .. }) => {}
+                    Err(e) => panic!("{}: the error reply to {invoke:?} failed: {e}", p.name),
+                }
+            }
+            Err(e) => assert!(p.dead || p.closed, "{}: reply to {invoke:?} failed: {e}", p.name),
         }
     }
 

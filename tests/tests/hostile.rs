@@ -229,6 +229,8 @@ impl H {
         let mut config = EngineConfig::new(ME_ID);
         config.seed = 7;
         config.limits = limits.clone();
+        // A scripted manager answers nothing here: the periodic registration check is off.
+        config.registration_check_interval = None;
         let mut e = Engine::new(config, Instant::ZERO);
         let now = Instant::ZERO;
         let d = drive::connect(&mut e, now, ME_ID, WS, MANAGER_ID);

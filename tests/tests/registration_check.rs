@@ -23,7 +23,9 @@ fn listing(ids: &[&str]) -> Value {
 
 /// A connected engine serving `svc`, and the time of the first check.
 fn engine() -> (hypha_rpc_core::Engine, Instant) {
-    let mut e = drive::engine("me", 1);
+    let mut config = hypha_rpc_core::EngineConfig::new("me");
+    config.seed = 1; // the check is on by default (every 60 s)
+    let mut e = hypha_rpc_core::Engine::new(config, Instant::ZERO);
     let t0 = Instant::ZERO;
     drive::connect(&mut e, t0, "me", WS, "manager-check");
     e.register_service(
