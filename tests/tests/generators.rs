@@ -216,3 +216,20 @@ fn prefetch_reader_orders_items_and_survives_refused_pulls() {
     assert!(r.is_finished());
     assert_eq!(r.close(&mut e, T).unwrap(), None, "an ended generator needs no close");
 }
+
+/// Closing the producer engine frees what it served and says so.
+#[test]
+fn closing_the_producer_frees_its_generators() {
+    let mut w = World::new();
+    let _g = w.open(5);
+    assert_eq!(w.producer.exports(), 1);
+    w.producer.close(T);
+    assert_eq!((w.producer.exports(), w.producer.open_generators()), (0, 0));
+    let mut closed = Vec::new();
+    while let Some(e) = w.producer.poll_event() {
+        if let Event::GeneratorClosed { generator } = e {
+            closed.push(generator);
+        }
+    }
+    assert_eq!(closed, [GenId(5)]);
+}

@@ -832,8 +832,10 @@ impl Engine {
         self.call(now, &close, Vec::new(), None, CallOptions::default())
     }
 
-    /// Closes for good: fails every pending call ([`CallError::Closed`]), drops invocations, and
-    /// asks the driver to close the transport with code 1000.
+    /// Closes for good: fails every pending call ([`CallError::Closed`]), drops invocations,
+    /// uploads, partial messages, returned functions and generators (`GeneratorClosed`) and
+    /// `_rintf` interfaces (`InterfaceDisposed`), and asks the driver to close the transport
+    /// with code 1000.
     pub fn close(&mut self, now: Instant) {
         if self.state == State::Closed {
             return;
@@ -855,6 +857,18 @@ impl Engine {
         self.next_ping = None;
         self.next_refresh = None;
         self.next_check = None;
+        // Everything we served or were sent goes too, with the events that tell the driver.
+        self.drop_interfaces(None);
+        let all: Vec<String> = self.exports.keys().cloned().collect();
+        for s in all {
+            if let Some(x) = self.exports.remove(&s) {
+                for (_, generator) in x.generators {
+                    self.events.push_back(Event::GeneratorClosed { generator });
+                }
+            }
+        }
+        self.uploads.clear();
+        self.reassembly = Reassembly::default();
         if was_connected {
             self.transmits.push_back(Transmit::Close { code: 1000, reason: String::new() });
         }
