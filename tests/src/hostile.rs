@@ -521,3 +521,39 @@ impl Tap {
         self.settled.remove(&id)
     }
 }
+
+/// A snapshot of everything an engine holds; each must stay within `Limits` and come back to
+/// its baseline after a hostile frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// `Engine::pending_calls`.
+    pub pending_calls: usize,
+    /// `Engine::active_invocations`.
+    pub active_invocations: usize,
+    /// `Engine::partial_messages`.
+    pub partial_messages: usize,
+    /// `Engine::uploads`.
+    pub uploads: usize,
+    /// `Engine::exports`.
+    pub exports: usize,
+    /// `Engine::interfaces`.
+    pub interfaces: usize,
+    /// `Engine::queued_frames`.
+    pub queued_frames: usize,
+    /// `Engine::open_generators`.
+    pub open_generators: usize,
+}
+
+/// The counts of `e` now.
+pub fn counts(e: &Engine) -> Counts {
+    Counts {
+        pending_calls: e.pending_calls(),
+        active_invocations: e.active_invocations(),
+        partial_messages: e.partial_messages(),
+        uploads: e.uploads(),
+        exports: e.exports(),
+        interfaces: e.interfaces(),
+        queued_frames: e.queued_frames(),
+        open_generators: e.open_generators(),
+    }
+}

@@ -152,30 +152,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 // ---------------------------------------------------------------------------------------------
 // Counts the engine exposes, which must stay bounded and come back to the baseline.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    pending_calls: usize,
-    active_invocations: usize,
-    partial_messages: usize,
-    uploads: usize,
-    exports: usize,
-    interfaces: usize,
-    queued_frames: usize,
-    open_generators: usize,
-}
-
-fn counts(e: &Engine) -> Counts {
-    Counts {
-        pending_calls: e.pending_calls(),
-        active_invocations: e.active_invocations(),
-        partial_messages: e.partial_messages(),
-        uploads: e.uploads(),
-        exports: e.exports(),
-        interfaces: e.interfaces(),
-        queued_frames: e.queued_frames(),
-        open_generators: e.open_generators(),
-    }
-}
+use hypha_rpc_tests::hostile::{Counts, counts};
 
 fn bounded(c: Counts, l: &Limits) -> Check {
     let caps = [

@@ -14,8 +14,8 @@ use hypha_rpc_core::codec::rtype::{Generator, Method, RTypeCodec, RemoteError, S
 use hypha_rpc_core::codec::{Frame, encode_frame};
 use hypha_rpc_core::engine::{local_function, local_generator};
 use hypha_rpc_core::{
-    CallError, CallId, CallOptions, Engine, EngineConfig, Event, FnId, FunctionSpec, GenId, InputError,
-    Invocation, InvokeTarget, Map, RequireContext, ServiceSpec, Value,
+    CallError, CallId, CallOptions, EngineConfig, Event, FnId, FunctionSpec, GenId, InputError, Invocation,
+    InvokeTarget, Map, RequireContext, ServiceSpec, Value,
 };
 use hypha_rpc_tests::hostile::{RawWs, Received, Tap, call_extra, concat, enc, map_of, mp};
 use hypha_rpc_tests::server::HyphaServer;
@@ -32,30 +32,7 @@ macro_rules! ensure {
     };
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    pending_calls: usize,
-    active_invocations: usize,
-    partial_messages: usize,
-    uploads: usize,
-    exports: usize,
-    interfaces: usize,
-    queued_frames: usize,
-    open_generators: usize,
-}
-
-fn counts(e: &Engine) -> Counts {
-    Counts {
-        pending_calls: e.pending_calls(),
-        active_invocations: e.active_invocations(),
-        partial_messages: e.partial_messages(),
-        uploads: e.uploads(),
-        exports: e.exports(),
-        interfaces: e.interfaces(),
-        queued_frames: e.queued_frames(),
-        open_generators: e.open_generators(),
-    }
-}
+use hypha_rpc_tests::hostile::{Counts, counts};
 
 fn descriptor(v: &Value) -> Result<Method, String> {
     match Method::from_value(v) {

@@ -414,12 +414,7 @@ impl Engine {
                     }
                 }
                 // A user's registration cut off here is redone, and settled, after reconnecting.
-                let cut: Vec<String> = self
-                    .sessions
-                    .iter()
-                    .filter(|(_, p)| p.registers.is_some())
-                    .map(|(s, _)| s.clone())
-                    .collect();
+                let cut = self.sessions_where(|p| p.registers.is_some());
                 for s in cut {
                     if let Some(p) = self.forget_session(&s) {
                         self.deferred_registrations.push((p.id, p.registers.unwrap_or_default()));
@@ -439,12 +434,7 @@ impl Engine {
                     }
                 }
                 // The engine's own calls are redone on the next connection.
-                let internal: Vec<String> = self
-                    .sessions
-                    .iter()
-                    .filter(|(_, p)| p.internal.is_some())
-                    .map(|(s, _)| s.clone())
-                    .collect();
+                let internal = self.sessions_where(|p| p.internal.is_some());
                 for s in internal {
                     self.forget_session(&s);
                 }
@@ -897,12 +887,7 @@ impl Engine {
             if old.manager_id != info.manager_id {
                 // The server restarted: nobody will answer calls addressed to the old manager.
                 let old_manager = old.manager_address();
-                let dead: Vec<String> = self
-                    .sessions
-                    .iter()
-                    .filter(|(_, p)| p.target == old_manager)
-                    .map(|(s, _)| s.clone())
-                    .collect();
+                let dead = self.sessions_where(|p| p.target == old_manager);
                 for s in dead {
                     let p = &self.sessions[&s];
                     let err =
@@ -1270,6 +1255,11 @@ impl Engine {
         Frame { main, extra }
     }
 
+    /// The sessions of pending calls that match `f` (collected, so the caller may settle them).
+    fn sessions_where(&self, f: impl Fn(&Pending) -> bool) -> Vec<String> {
+        self.sessions.iter().filter(|(_, p)| f(p)).map(|(s, _)| s.clone()).collect()
+    }
+
     fn forget_session(&mut self, s: &str) -> Option<Pending> {
         let p = self.sessions.remove(s)?;
         self.deadlines.remove(&(p.deadline, s.to_string()));
@@ -1366,8 +1356,7 @@ impl Engine {
         self.reassembly.forget_owner(peer);
         self.drop_exports(now, Some(peer));
         self.drop_interfaces(Some(peer));
-        let dead: Vec<String> =
-            self.sessions.iter().filter(|(_, p)| p.target == peer).map(|(s, _)| s.clone()).collect();
+        let dead = self.sessions_where(|p| p.target == peer);
         for s in dead {
             self.settle(now, s, Err(CallError::PeerDisconnected { peer: peer.into() }));
         }
