@@ -54,6 +54,12 @@ impl GeneratorReader {
         self.in_flight.len()
     }
 
+    /// The pulls in flight, oldest first (their [`Event::CallSettled`](crate::Event::CallSettled)
+    /// belong to this reader).
+    pub fn in_flight_ids(&self) -> impl Iterator<Item = CallId> + '_ {
+        self.in_flight.iter().copied()
+    }
+
     /// Issues pulls until `prefetch` are in flight.
     pub fn pump(&mut self, engine: &mut Engine, now: Instant) -> Result<(), EngineError> {
         while !self.finished && self.in_flight.len() < self.window {

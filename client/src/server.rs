@@ -1,0 +1,243 @@
+//! The handles users hold: [`Server`] (one connection to a Hypha server) and
+//! [`ServiceProxy`] (a remote service).
+
+use std::fmt;
+use std::sync::Arc;
+
+use futures::stream::Stream;
+use hypha_rpc_core::codec::rtype::{Method, RTypeCodec};
+use hypha_rpc_core::{ConnectionInfo, Map, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::config::ServerConfig;
+use crate::driver::{ConnectionState, Inner, encode_args};
+use crate::error::{Error, Result};
+use crate::runtime::Runtime;
+use crate::service::Service;
+use crate::values::{Locals, RemoteFunction};
+
+/// A connection to a Hypha server. Cheap to clone; every clone is the same connection. It
+/// reconnects by itself after a drop (see [`Server::connection_states`]) until
+/// [`Server::disconnect`].
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+    info: Arc<ConnectionInfo>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Server({}/{})", self.info.workspace, self.info.client_id)
+    }
+}
+
+/// Connects with the given runtime; the runtime crates wrap this as `connect_to_server`.
+pub async fn connect_with_runtime(runtime: Arc<dyn Runtime>, config: ServerConfig) -> Result<Server> {
+    let (inner, info) = Inner::connect(runtime, config).await?;
+    Ok(Server { inner, info: Arc::new(info) })
+}
+
+impl Server {
+    /// What the server said at the first handshake (workspace, client id, server URL, ...).
+    pub fn connection_info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+    /// Our workspace.
+    pub fn workspace(&self) -> &str {
+        &self.info.workspace
+    }
+    /// Our client id.
+    pub fn client_id(&self) -> &str {
+        &self.info.client_id
+    }
+
+    /// Registers a service and returns its full id (`workspace/client:service`). It is
+    /// registered again after every reconnection. A service with the same id is replaced.
+    pub async fn register_service(&self, service: Service) -> Result<String> {
+        let Service { spec, handlers, .. } = service;
+        let id = spec.id.clone();
+        let rx = {
+            let mut s = self.inner.lock();
+            s.services.insert(id.clone(), Arc::new(handlers));
+            drop(s);
+            self.inner.start(Locals::default(), |e, now| e.register_service(now, spec))
+        };
+        let rx = match rx {
+            Ok(rx) => rx,
+            Err(e) => {
+                self.inner.lock().services.remove(&id);
+                return Err(e);
+            }
+        };
+        let info = Inner::settle(rx).await?;
+        let full = info.as_map().and_then(|m| m.get("id")).and_then(Value::as_str).map(String::from);
+        Ok(full.unwrap_or_else(|| format!("{}/{}:{id}", self.info.workspace, self.info.client_id)))
+    }
+
+    /// Stops serving a service (by its local id, as given to [`Service::new`]).
+    pub async fn unregister_service(&self, id: &str) -> Result<()> {
+        let local = id.rsplit(':').next().unwrap_or(id).to_string();
+        let rx = self.inner.start(Locals::default(), |e, now| e.unregister_service(now, &local))?;
+        self.inner.lock().services.remove(&local);
+        Inner::settle(rx).await?;
+        Ok(())
+    }
+
+    /// Gets a remote service by id: `svc`, `client:svc`, `ws/client:svc`, `svc@app`.
+    pub async fn get_service(&self, id: &str) -> Result<ServiceProxy> {
+        let rx = self.inner.start(Locals::default(), |e, now| e.get_service(now, id, None))?;
+        let v = Inner::settle(rx).await?;
+        ServiceProxy::from_value(self.inner.clone(), v, id)
+    }
+
+    /// Calls a method of the workspace manager (`echo`, `list_services`, `generate_token`,
+    /// `list_clients`, ...) with positional arguments (a tuple) and keyword arguments (a map
+    /// or `()`).
+    pub async fn call_manager<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T> {
+        let (args, kwargs, locals) = encode_args(&args, Some(&kwargs))?;
+        let rx = self.inner.start(locals, |e, now| e.call_manager(now, name, args, kwargs))?;
+        let v = Inner::settle(rx).await?;
+        self.inner.decode(&v)
+    }
+
+    /// The services visible to us (the manager's `list_services`), as maps with `id`, `name`,
+    /// `type`, `description`, ...
+    pub async fn list_services(&self) -> Result<Vec<Map>> {
+        let v: Value = self.call_manager_value("list_services", Vec::new()).await?;
+        match v {
+            Value::Array(a) => Ok(a.into_iter().filter_map(|x| if let Value::Map(m) = x { Some(m) } else { None }).collect()),
+            other => Err(Error::Decode(format!("list_services returned {}", other.kind()))),
+        }
+    }
+
+    /// A token for this workspace (the manager's `generate_token`), with an optional config
+    /// (`expires_in`, `permission`, ...).
+    pub async fn generate_token(&self, config: Option<Map>) -> Result<String> {
+        let args = config.map(Value::Map).into_iter().collect();
+        let v = self.call_manager_value("generate_token", args).await?;
+        v.as_str().map(String::from).ok_or_else(|| Error::Decode("generate_token did not return a string".into()))
+    }
+
+    /// Sends `value` through the server and back (the manager's `echo`).
+    pub async fn echo<T: Serialize + DeserializeOwned>(&self, value: &T) -> Result<T> {
+        self.call_manager("echo", (value,), ()).await
+    }
+
+    async fn call_manager_value(&self, name: &str, args: Vec<Value>) -> Result<Value> {
+        let rx = self.inner.start(Locals::default(), |e, now| e.call_manager(now, name, args, None))?;
+        Inner::settle(rx).await
+    }
+
+    /// Connection state changes from now on: disconnections, reconnection attempts with their
+    /// delay, reconnections (after which our services are registered again), and the end.
+    pub fn connection_states(&self) -> impl Stream<Item = ConnectionState> + Send + Unpin + use<> {
+        self.inner.subscribe()
+    }
+
+    /// Calls waiting for a reply (diagnostics).
+    pub fn pending_calls(&self) -> usize {
+        self.inner.lock().engine.pending_calls()
+    }
+
+    /// Closes the connection for good: pending calls fail with a "closed" error, our services
+    /// disappear from the server, and no reconnection happens. Waits until done.
+    pub async fn disconnect(&self) {
+        self.inner.shutdown().await;
+    }
+}
+
+/// A remote service, as [`Server::get_service`] returns it: call its functions by path.
+#[derive(Clone)]
+pub struct ServiceProxy {
+    client: Arc<Inner>,
+    id: String,
+    info: Map,
+}
+
+impl fmt::Debug for ServiceProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceProxy({})", self.id)
+    }
+}
+
+impl ServiceProxy {
+    fn from_value(client: Arc<Inner>, v: Value, asked: &str) -> Result<Self> {
+        let Value::Map(info) = v else {
+            return Err(Error::Decode(format!("get_service returned {}, not a service", v.kind())));
+        };
+        let id = info.get("id").and_then(Value::as_str).unwrap_or(asked).to_string();
+        Ok(ServiceProxy { client, id, info })
+    }
+    /// The full service id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The whole service description (functions are `_rtype: method` maps).
+    pub fn info(&self) -> &Map {
+        &self.info
+    }
+    /// The dotted paths of its functions.
+    pub fn functions(&self) -> Vec<String> {
+        fn walk(prefix: &str, m: &Map, out: &mut Vec<String>) {
+            for (k, v) in m.iter() {
+                let Some(k) = k.as_str() else { continue };
+                let path = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+                match v {
+                    Value::Map(_) if v.rtype() == Some("method") => out.push(path),
+                    Value::Map(inner) if v.rtype().is_none() => walk(&path, inner, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk("", &self.info, &mut out);
+        out
+    }
+    /// The function at dotted `path`, as a callable handle.
+    pub fn function(&self, path: &str) -> Result<RemoteFunction> {
+        let mut cur = &self.info;
+        let mut parts = path.split('.').peekable();
+        while let Some(p) = parts.next() {
+            let v = cur.get(p).ok_or_else(|| crate::service::unknown(&self.id, path))?;
+            if parts.peek().is_none() {
+                let method = Method::from_value(v)
+                    .ok_or_else(|| crate::service::unknown(&self.id, path))?
+                    .map_err(|e| Error::Decode(e.to_string()))?;
+                return Ok(RemoteFunction { client: self.client.clone(), method, parent: None });
+            }
+            cur = v.as_map().ok_or_else(|| crate::service::unknown(&self.id, path))?;
+        }
+        Err(crate::service::unknown(&self.id, path))
+    }
+    /// Calls function `path` with positional arguments (a tuple: `("Ada",)`, `(1, 2)`, or
+    /// `()`), converting the result to `T`.
+    pub async fn call<T: DeserializeOwned>(&self, path: &str, args: impl Serialize) -> Result<T> {
+        self.function(path)?.call(args).await
+    }
+    /// Calls with positional and keyword arguments (any `Serialize` map or struct).
+    pub async fn call_with_kwargs<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T> {
+        self.function(path)?.call_with_kwargs(args, kwargs).await
+    }
+    /// Calls with untyped arguments; the result as a [`Value`].
+    pub async fn call_value(&self, path: &str, args: Vec<Value>, kwargs: Option<Map>) -> Result<Value> {
+        self.function(path)?.call_value(args, kwargs).await
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceProxy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> core::result::Result<Self, D::Error> {
+        let (v, client) = crate::values::deserialize_bound(d, "service")?;
+        ServiceProxy::from_value(client, v, "").map_err(serde::de::Error::custom)
+    }
+}

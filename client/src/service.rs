@@ -1,0 +1,357 @@
+//! Services built from Rust closures: the [`Handler`] trait that turns `async` closures with
+//! serde-typed arguments into callable functions, the [`Call`] a raw handler receives, and the
+//! [`Service`] builder.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use hypha_rpc_core::codec::rtype::RemoteError;
+use hypha_rpc_core::service::{FunctionSpec, RequireContext, ServiceSpec, Visibility};
+use hypha_rpc_core::{Context, Map, Value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::values::{Incoming, Locals, from_value_in, to_value_with_locals};
+
+/// What a function returns to the engine: the value and the local objects inside it.
+pub(crate) type Reply = Result<(Value, Locals), RemoteError>;
+
+/// One incoming call, as a raw handler ([`Service::function_raw`]) sees it.
+pub struct Call {
+    /// Positional arguments.
+    pub args: Vec<Value>,
+    /// Keyword arguments, when the caller sent any.
+    pub kwargs: Option<Map>,
+    /// The trusted context (server-set caller identity), when the function asked for it.
+    pub context: Option<Context>,
+    pub(crate) incoming: Option<Incoming>,
+}
+
+impl Call {
+    /// Positional argument `i` converted to `T` (`Nil` when missing, so `Option<T>` works).
+    pub fn arg<T: DeserializeOwned>(&self, i: usize) -> Result<T> {
+        self.decode(self.args.get(i).unwrap_or(&Value::Nil))
+    }
+    /// Keyword argument `name` converted to `T` (`Nil` when missing).
+    pub fn kwarg<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        self.decode(self.kwargs.as_ref().and_then(|k| k.get(name)).unwrap_or(&Value::Nil))
+    }
+    fn decode<T: DeserializeOwned>(&self, v: &Value) -> Result<T> {
+        match &self.incoming {
+            Some(i) => from_value_in(v, i),
+            None => crate::values::from_value(v),
+        }
+    }
+    /// The positional arguments with the keyword arguments (if any) appended as one map:
+    /// how typed handlers see them, and how Python puts them on the wire (`_rkwargs`).
+    fn into_flat(self) -> (Vec<Value>, Option<Incoming>, Option<Context>) {
+        let mut all = self.args;
+        if let Some(k) = self.kwargs {
+            all.push(Value::Map(k));
+        }
+        (all, self.incoming, self.context)
+    }
+}
+
+impl fmt::Debug for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call").field("args", &self.args).field("kwargs", &self.kwargs).finish()
+    }
+}
+
+/// A function the driver can run: the type-erased form of every [`Handler`].
+pub trait DynHandler: Send + Sync + 'static {
+    /// Runs the function.
+    #[doc(hidden)]
+    fn call(&self, call: Call) -> BoxFuture<'static, Reply>;
+}
+
+/// Turns the error of a user function into what the caller sees.
+fn remote_error(e: impl fmt::Display) -> RemoteError {
+    RemoteError { message: e.to_string(), trace: None, other: Map::new() }
+}
+
+fn encode_reply<R: Serialize>(r: &R) -> Reply {
+    to_value_with_locals(r).map_err(|e| remote_error(format!("cannot encode the result: {e}")))
+}
+
+/// Something that can serve as a function: `async` closures (or functions returning futures)
+/// of up to eight serde-typed arguments returning `Result<R, E>` where `R: Serialize` and
+/// `E: Display`. Keyword arguments arrive as one extra map argument after the positional ones
+/// (so a one-argument function taking a struct accepts `f(a=1, b=2)` from Python); missing
+/// trailing arguments are `Nil` (use `Option<T>` for optional ones).
+///
+/// `M` is a marker that lets one trait cover every arity; you never name it.
+pub trait Handler<M>: Send + Sync + Sized + 'static {
+    /// The type-erased handler.
+    #[doc(hidden)]
+    fn into_dyn(self) -> Arc<dyn DynHandler>;
+}
+
+/// A [`Handler`] whose first argument is the trusted [`Context`].
+pub trait ContextHandler<M>: Send + Sync + Sized + 'static {
+    /// The type-erased handler.
+    #[doc(hidden)]
+    fn into_dyn(self) -> Arc<dyn DynHandler>;
+}
+
+struct Erased<F, M> {
+    f: F,
+    _m: std::marker::PhantomData<fn() -> M>,
+}
+
+struct ErasedCtx<F, M> {
+    f: F,
+    _m: std::marker::PhantomData<fn() -> M>,
+}
+
+fn arity_error(want: usize, got: usize) -> RemoteError {
+    remote_error(format!(
+        "the function takes {want} argument(s) but {got} were given (keyword arguments count as one map)"
+    ))
+}
+
+macro_rules! handlers {
+    ($($n:literal => ($($a:ident),*);)*) => {$(
+        #[allow(non_snake_case, unused_variables, unused_mut)]
+        impl<F, Fut, R, E, $($a,)*> DynHandler for Erased<F, (Fut, R, E, $($a,)*)>
+        where
+            F: Fn($($a),*) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+            R: Serialize + 'static,
+            E: fmt::Display + 'static,
+            $($a: DeserializeOwned + 'static,)*
+        {
+            fn call(&self, call: Call) -> BoxFuture<'static, Reply> {
+                let (args, incoming, _) = call.into_flat();
+                if args.len() > $n {
+                    let e = arity_error($n, args.len());
+                    return Box::pin(async move { Err(e) });
+                }
+                let mut it = args.into_iter();
+                $(
+                    let v = it.next().unwrap_or(Value::Nil);
+                    let $a: $a = match decode_arg(&v, &incoming) {
+                        Ok(x) => x,
+                        Err(e) => return Box::pin(async move { Err(e) }),
+                    };
+                )*
+                let fut = (self.f)($($a),*);
+                Box::pin(async move {
+                    match fut.await {
+                        Ok(r) => encode_reply(&r),
+                        Err(e) => Err(remote_error(e)),
+                    }
+                })
+            }
+        }
+
+        impl<F, Fut, R, E, $($a,)*> Handler<(Fut, R, E, $($a,)*)> for F
+        where
+            F: Fn($($a),*) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+            R: Serialize + 'static,
+            E: fmt::Display + 'static,
+            $($a: DeserializeOwned + 'static,)*
+        {
+            fn into_dyn(self) -> Arc<dyn DynHandler> {
+                Arc::new(Erased::<F, (Fut, R, E, $($a,)*)> { f: self, _m: std::marker::PhantomData })
+            }
+        }
+
+        #[allow(non_snake_case, unused_variables, unused_mut)]
+        impl<F, Fut, R, E, $($a,)*> DynHandler for ErasedCtx<F, (Fut, R, E, $($a,)*)>
+        where
+            F: Fn(Context, $($a),*) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+            R: Serialize + 'static,
+            E: fmt::Display + 'static,
+            $($a: DeserializeOwned + 'static,)*
+        {
+            fn call(&self, call: Call) -> BoxFuture<'static, Reply> {
+                let (args, incoming, context) = call.into_flat();
+                let Some(context) = context else {
+                    let e = remote_error("no trusted context was given for a function that requires it");
+                    return Box::pin(async move { Err(e) });
+                };
+                if args.len() > $n {
+                    let e = arity_error($n, args.len());
+                    return Box::pin(async move { Err(e) });
+                }
+                let mut it = args.into_iter();
+                $(
+                    let v = it.next().unwrap_or(Value::Nil);
+                    let $a: $a = match decode_arg(&v, &incoming) {
+                        Ok(x) => x,
+                        Err(e) => return Box::pin(async move { Err(e) }),
+                    };
+                )*
+                let fut = (self.f)(context, $($a),*);
+                Box::pin(async move {
+                    match fut.await {
+                        Ok(r) => encode_reply(&r),
+                        Err(e) => Err(remote_error(e)),
+                    }
+                })
+            }
+        }
+
+        impl<F, Fut, R, E, $($a,)*> ContextHandler<(Context, Fut, R, E, $($a,)*)> for F
+        where
+            F: Fn(Context, $($a),*) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+            R: Serialize + 'static,
+            E: fmt::Display + 'static,
+            $($a: DeserializeOwned + 'static,)*
+        {
+            fn into_dyn(self) -> Arc<dyn DynHandler> {
+                Arc::new(ErasedCtx::<F, (Fut, R, E, $($a,)*)> { f: self, _m: std::marker::PhantomData })
+            }
+        }
+    )*};
+}
+
+handlers! {
+    0 => ();
+    1 => (A1);
+    2 => (A1, A2);
+    3 => (A1, A2, A3);
+    4 => (A1, A2, A3, A4);
+    5 => (A1, A2, A3, A4, A5);
+    6 => (A1, A2, A3, A4, A5, A6);
+    7 => (A1, A2, A3, A4, A5, A6, A7);
+    8 => (A1, A2, A3, A4, A5, A6, A7, A8);
+}
+
+fn decode_arg<T: DeserializeOwned>(v: &Value, incoming: &Option<Incoming>) -> core::result::Result<T, RemoteError> {
+    let r = match incoming {
+        Some(i) => from_value_in(v, i),
+        None => crate::values::from_value(v),
+    };
+    r.map_err(|e| remote_error(format!("bad argument: {e}")))
+}
+
+struct Raw<F>(F);
+
+impl<F, Fut, R, E> DynHandler for Raw<F>
+where
+    F: Fn(Call) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+    R: Serialize + 'static,
+    E: fmt::Display + 'static,
+{
+    fn call(&self, call: Call) -> BoxFuture<'static, Reply> {
+        let fut = (self.0)(call);
+        Box::pin(async move {
+            match fut.await {
+                Ok(r) => encode_reply(&r),
+                Err(e) => Err(remote_error(e)),
+            }
+        })
+    }
+}
+
+/// A service to register: an id, some settings, and functions at dotted paths.
+///
+/// ```
+/// use hypha_rpc::{Service, Visibility};
+/// let svc = Service::new("hello")
+///     .name("Hello service")
+///     .visibility(Visibility::Public)
+///     .function("greet", |name: String| async move { Ok::<_, hypha_rpc::Error>(format!("Hello, {name}!")) })
+///     .function("math.add", |a: i64, b: i64| async move { Ok::<_, hypha_rpc::Error>(a + b) })
+///     .function_with_context("whoami", |ctx: hypha_rpc::Context| async move {
+///         Ok::<_, hypha_rpc::Error>(ctx.from)
+///     });
+/// assert_eq!(svc.id(), "hello");
+/// ```
+pub struct Service {
+    pub(crate) spec: ServiceSpec,
+    pub(crate) handlers: HashMap<String, Arc<dyn DynHandler>>,
+    with_context: Vec<String>,
+}
+
+impl Service {
+    /// A service with id `id` (no `/` or `:`).
+    pub fn new(id: impl Into<String>) -> Self {
+        Service { spec: ServiceSpec::new(id), handlers: HashMap::new(), with_context: Vec::new() }
+    }
+    /// The service id.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+    /// The display name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.spec = self.spec.name(name);
+        self
+    }
+    /// The description.
+    pub fn description(mut self, d: impl Into<String>) -> Self {
+        self.spec = self.spec.description(d);
+        self
+    }
+    /// Who may call it (default: protected, i.e. the workspace).
+    pub fn visibility(mut self, v: Visibility) -> Self {
+        self.spec = self.spec.visibility(v);
+        self
+    }
+    /// Adds a function at a dotted `path` (`"greet"`, `"math.add"`).
+    pub fn function<M, F: Handler<M>>(self, path: &str, f: F) -> Self {
+        self.add(path, f.into_dyn(), None)
+    }
+    /// Adds a function with a doc string (Python's `__doc__`).
+    pub fn function_doc<M, F: Handler<M>>(self, path: &str, doc: &str, f: F) -> Self {
+        self.add(path, f.into_dyn(), Some(doc))
+    }
+    /// Adds a function whose first argument is the trusted [`Context`] of each call (the
+    /// service then asks the caller's server for it, `require_context`).
+    pub fn function_with_context<M, F: ContextHandler<M>>(mut self, path: &str, f: F) -> Self {
+        self.with_context.push(path.to_string());
+        self.spec = self.spec.require_context(RequireContext::Functions(self.with_context.clone()));
+        self.add(path, f.into_dyn(), None)
+    }
+    /// Adds a function that receives the raw [`Call`] (untyped arguments, kwargs, context).
+    pub fn function_raw<F, Fut, R, E>(self, path: &str, f: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+        R: Serialize + 'static,
+        E: fmt::Display + 'static,
+    {
+        self.add(path, Arc::new(Raw(f)), None)
+    }
+    /// Adds a plain value at `path` (served as data in the service description).
+    pub fn value(mut self, path: &str, v: impl Into<Value>) -> Self {
+        self.spec = self.spec.value(path, v);
+        self
+    }
+    /// Passes the trusted context to every function (each raw or context handler gets it).
+    pub fn require_context(mut self, all: bool) -> Self {
+        let r = if all { RequireContext::All } else { RequireContext::Functions(self.with_context.clone()) };
+        self.spec = self.spec.require_context(r);
+        self
+    }
+    fn add(mut self, path: &str, h: Arc<dyn DynHandler>, doc: Option<&str>) -> Self {
+        let mut f = FunctionSpec::new(path.rsplit('.').next().unwrap_or(path));
+        if let Some(d) = doc {
+            f = f.doc(d);
+        }
+        self.spec = self.spec.function(path, f);
+        self.handlers.insert(path.to_string(), h);
+        self
+    }
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service").field("spec", &self.spec).finish()
+    }
+}
+
+pub(crate) fn unknown(service: &str, method: &str) -> Error {
+    Error::NoSuchMethod { service: service.into(), method: method.into() }
+}

@@ -1,0 +1,69 @@
+//! The Hypha RPC client on smol. This crate only supplies smol's sockets, timers and spawn
+//! to the shared driver in [`hypha_rpc`], and re-exports its API.
+//!
+//! ```no_run
+//! use hypha_rpc_smol::{connect_to_server, Service, ServerConfig};
+//!
+//! fn main() -> hypha_rpc_smol::Result<()> {
+//!     smol::block_on(async {
+//!         let server = connect_to_server(ServerConfig::new("http://127.0.0.1:9527")).await?;
+//!         let id = server
+//!             .register_service(Service::new("hello").function("greet", |name: String| async move {
+//!                 Ok::<_, hypha_rpc_smol::Error>(format!("Hello, {name}!"))
+//!             }))
+//!             .await?;
+//!         let greeting: String = server.get_service(&id).await?.call("greet", ("Ada",)).await?;
+//!         println!("{greeting}");
+//!         server.disconnect().await;
+//!         Ok(())
+//!     })
+//! }
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use hypha_rpc::runtime::{BoxIo, Runtime};
+
+pub use hypha_rpc::*;
+
+/// smol as a [`Runtime`]: `smol::spawn` (the global executor), `smol::Timer`,
+/// `smol::net::TcpStream`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SmolRuntime;
+
+impl Runtime for SmolRuntime {
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        smol::spawn(task).detach();
+    }
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            smol::Timer::after(duration).await;
+        })
+    }
+    fn connect_tcp(&self, host: &str, port: u16) -> BoxFuture<'static, io::Result<BoxIo>> {
+        let host = host.to_string();
+        Box::pin(async move {
+            let tcp = smol::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(Box::pin(tcp) as BoxIo)
+        })
+    }
+}
+
+/// Connects to a Hypha server (Python: `connect_to_server`) and waits until we are
+/// registered. Tasks run on smol's global executor.
+///
+/// ```no_run
+/// # async fn demo() -> hypha_rpc_smol::Result<()> {
+/// let server = hypha_rpc_smol::connect_to_server(hypha_rpc_smol::ServerConfig::new("http://127.0.0.1:9527")).await?;
+/// println!("connected as {}", server.client_id());
+/// # Ok(()) }
+/// ```
+pub async fn connect_to_server(config: ServerConfig) -> Result<Server> {
+    connect_with_runtime(Arc::new(SmolRuntime), config).await
+}
