@@ -40,6 +40,7 @@ pub struct HyphaServer {
     log: PathBuf,
     keep_log: bool,
     tmp: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl HyphaServer {
@@ -114,6 +115,7 @@ impl HyphaServer {
             log,
             keep_log: true,
             tmp,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -138,6 +140,29 @@ impl HyphaServer {
             }
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Kills the server (as a crash would: no clean shutdown) and starts a new one on the same
+    /// port with the same settings; it has a new manager id and none of the old state.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let root = workspace_root()?;
+        let log_dir = root.join("target").join("hypha-server");
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut last = String::new();
+        // The port can stay busy for a moment after the kill.
+        for _ in 0..START_ATTEMPTS {
+            match Self::spawn(&self.python, &log_dir, self.port, &env) {
+                Ok(mut fresh) => {
+                    std::mem::swap(self, &mut fresh);
+                    return Ok(()); // `fresh` (the dead one) cleans up its files on drop
+                }
+                Err((_, e)) => last = e,
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        Err(last)
     }
 
     /// `http://127.0.0.1:<port>`, the server URL a client is given.
