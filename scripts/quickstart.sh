@@ -8,4 +8,4 @@ PORT="${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 export HYPHA_SERVER_DIR="${HYPHA_SERVER_DIR:-$PWD/target/quickstart-server}"
 scripts/hypha-server.sh start "$PORT" >/dev/null
 trap 'scripts/hypha-server.sh stop >/dev/null 2>&1 || true' EXIT
-cargo run --quiet -p hypha-rpc-tests --example quickstart -- "http://127.0.0.1:$PORT" "$PY"
+cargo run --quiet -p hypha-rpc-tokio --example quickstart -- "http://127.0.0.1:$PORT" "$PY" tests/py/quickstart_client.py
