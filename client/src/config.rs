@@ -131,7 +131,8 @@ impl Endpoint {
 pub fn parse_server_url(url: &str) -> Result<Endpoint> {
     let bad = |reason| Error::InvalidUrl { url: url.to_string(), reason };
     let trimmed = url.trim();
-    let (scheme, rest) = trimmed.split_once("://").ok_or_else(|| bad("no scheme (use http://, https://, ws:// or wss://)"))?;
+    let (scheme, rest) =
+        trimmed.split_once("://").ok_or_else(|| bad("no scheme (use http://, https://, ws:// or wss://)"))?;
     let (secure, http) = match scheme.to_ascii_lowercase().as_str() {
         "http" => (false, true),
         "https" => (true, true),

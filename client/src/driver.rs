@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
+use futures::SinkExt;
 use futures::channel::{mpsc, oneshot};
 use futures::future::{BoxFuture, FutureExt, poll_fn};
 use futures::stream::StreamExt;
 use futures::task::AtomicWaker;
-use futures::SinkExt;
-use hypha_rpc_core::codec::rtype::{Generator as GeneratorDesc, Method, RTypeCodec, RemoteError, StopIteration};
+use hypha_rpc_core::codec::rtype::{
+    Generator as GeneratorDesc, Method, RTypeCodec, RemoteError, StopIteration,
+};
 use hypha_rpc_core::time::Instant;
 use hypha_rpc_core::{
     CallError, CallId, CallOptions, ConnectionInfo, Engine, EngineError, Event, FnId, GenId, GeneratorReader,
@@ -92,6 +94,9 @@ struct ReaderSlot {
     waker: Option<Waker>,
 }
 
+/// The functions of one service, by dotted path.
+pub(crate) type Handlers = HashMap<String, Arc<dyn DynHandler>>;
+
 pub(crate) struct Shared {
     pub(crate) engine: Engine,
     waiters: HashMap<CallId, Waiter>,
@@ -100,7 +105,7 @@ pub(crate) struct Shared {
     producers: HashMap<GenId, mpsc::UnboundedSender<InvokeId>>,
     readers: HashMap<u64, ReaderSlot>,
     next_reader: u64,
-    pub(crate) services: HashMap<String, Arc<HashMap<String, Arc<dyn DynHandler>>>>,
+    pub(crate) services: HashMap<String, Arc<Handlers>>,
     ready: Option<oneshot::Sender<Result<ConnectionInfo>>>,
     listeners: Vec<mpsc::UnboundedSender<ConnectionState>>,
     closing: bool,
@@ -162,7 +167,10 @@ impl Inner {
 
     /// Starts a connection: opens the websocket, spawns the driver and waits for the
     /// handshake.
-    pub(crate) async fn connect(rt: Arc<dyn Runtime>, config: ServerConfig) -> Result<(Arc<Inner>, ConnectionInfo)> {
+    pub(crate) async fn connect(
+        rt: Arc<dyn Runtime>,
+        config: ServerConfig,
+    ) -> Result<(Arc<Inner>, ConnectionInfo)> {
         let endpoint = crate::config::parse_server_url(&config.server_url)?;
         let client_id = config.client_id.clone().unwrap_or_else(|| format!("rs-{:016x}", fastrand::u64(..)));
         let mut ec = hypha_rpc_core::EngineConfig::new(client_id);
@@ -433,7 +441,11 @@ impl Inner {
 
     /// Runs due timers and drains the engine: messages into `out`, events acted upon.
     /// Returns the next deadline and a close request.
-    fn pump(self: &Arc<Self>, s: &mut Shared, out: &mut Vec<Message>) -> (Option<Instant>, Option<(u16, String)>) {
+    fn pump(
+        self: &Arc<Self>,
+        s: &mut Shared,
+        out: &mut Vec<Message>,
+    ) -> (Option<Instant>, Option<(u16, String)>) {
         let now = self.now();
         if s.engine.poll_timeout().is_some_and(|t| t <= now) {
             s.engine.handle_timeout(now);
@@ -514,7 +526,8 @@ impl Inner {
                     | InvokeTarget::Returned { function }
                     | InvokeTarget::Interface { function, .. } => s.functions.get(function).cloned(),
                     InvokeTarget::GeneratorNext { generator } => {
-                        let sent = s.producers.get(generator).is_some_and(|p| p.unbounded_send(inv.id).is_ok());
+                        let sent =
+                            s.producers.get(generator).is_some_and(|p| p.unbounded_send(inv.id).is_ok());
                         if !sent {
                             let _ = s.engine.reply(now, inv.id, Err(remote_error("the generator is closed")));
                         }
@@ -641,7 +654,9 @@ impl Inner {
     }
 
     /// Waits for a call started with [`Inner::start`].
-    pub(crate) async fn settle(rx: oneshot::Receiver<core::result::Result<Value, CallError>>) -> Result<Value> {
+    pub(crate) async fn settle(
+        rx: oneshot::Receiver<core::result::Result<Value, CallError>>,
+    ) -> Result<Value> {
         Ok(rx.await.map_err(|_| Error::Closed)??)
     }
 
@@ -761,7 +776,12 @@ pub(crate) fn encode_args<A: Serialize + ?Sized, K: Serialize + ?Sized>(
             match kv {
                 Value::Map(m) => Some(m),
                 Value::Nil => None,
-                other => return Err(Error::Encode(format!("keyword arguments must be a map, not {}", other.kind()))),
+                other => {
+                    return Err(Error::Encode(format!(
+                        "keyword arguments must be a map, not {}",
+                        other.kind()
+                    )));
+                }
             }
         }
     };

@@ -46,9 +46,9 @@ pub use driver::ConnectionState;
 pub use error::{Error, Result};
 pub use hypha_rpc_core::service::Visibility;
 pub use hypha_rpc_core::{CallError, ConnectError, ConnectionInfo, Context, EngineError, Limits, Map, Value};
+pub use serde_bytes;
 pub use server::{Server, ServiceProxy, connect_with_runtime};
 pub use service::{Call, ContextHandler, Handler, Service};
 pub use values::{
     Callback, Generator, Interface, RemoteFunction, RemoteGenerator, RemoteInterface, from_value, to_value,
 };
-pub use serde_bytes;

@@ -111,7 +111,9 @@ impl Server {
     pub async fn list_services(&self) -> Result<Vec<Map>> {
         let v: Value = self.call_manager_value("list_services", Vec::new()).await?;
         match v {
-            Value::Array(a) => Ok(a.into_iter().filter_map(|x| if let Value::Map(m) = x { Some(m) } else { None }).collect()),
+            Value::Array(a) => {
+                Ok(a.into_iter().filter_map(|x| if let Value::Map(m) = x { Some(m) } else { None }).collect())
+            }
             other => Err(Error::Decode(format!("list_services returned {}", other.kind()))),
         }
     }
@@ -121,7 +123,9 @@ impl Server {
     pub async fn generate_token(&self, config: Option<Map>) -> Result<String> {
         let args = config.map(Value::Map).into_iter().collect();
         let v = self.call_manager_value("generate_token", args).await?;
-        v.as_str().map(String::from).ok_or_else(|| Error::Decode("generate_token did not return a string".into()))
+        v.as_str()
+            .map(String::from)
+            .ok_or_else(|| Error::Decode("generate_token did not return a string".into()))
     }
 
     /// Sends `value` through the server and back (the manager's `echo`).

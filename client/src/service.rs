@@ -227,7 +227,10 @@ handlers! {
     8 => (A1, A2, A3, A4, A5, A6, A7, A8);
 }
 
-fn decode_arg<T: DeserializeOwned>(v: &Value, incoming: &Option<Incoming>) -> core::result::Result<T, RemoteError> {
+fn decode_arg<T: DeserializeOwned>(
+    v: &Value,
+    incoming: &Option<Incoming>,
+) -> core::result::Result<T, RemoteError> {
     let r = match incoming {
         Some(i) => from_value_in(v, i),
         None => crate::values::from_value(v),

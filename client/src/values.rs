@@ -63,7 +63,8 @@ fn next_id() -> u64 {
 
 fn encode_msgpack<T: Serialize + ?Sized>(t: &T) -> Result<Value> {
     let bytes = rmp_serde::to_vec_named(t).map_err(|e| Error::Encode(e.to_string()))?;
-    let (v, _) = decode_value(&Bytes::from(bytes), &local_limits()).map_err(|e| Error::Encode(e.to_string()))?;
+    let (v, _) =
+        decode_value(&Bytes::from(bytes), &local_limits()).map_err(|e| Error::Encode(e.to_string()))?;
     Ok(v)
 }
 
@@ -120,21 +121,23 @@ fn current_incoming<E: serde::de::Error>(what: &str) -> Result<Incoming, E> {
     })
 }
 
-/// Any value, deserialized as our [`Value`] (through rmpv).
+/// Any value, deserialized as our [`Value`].
 fn deserialize_value<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
-    let v = rmpv::Value::deserialize(d)?;
-    Value::try_from(v).map_err(|e| serde::de::Error::custom(format!("{e:?}")))
+    Value::deserialize(d)
 }
 
 /// A value and the client it arrived on (for handles that call back through it).
-pub(crate) fn deserialize_bound<'de, D: Deserializer<'de>>(d: D, what: &str) -> Result<(Value, Arc<Inner>), D::Error> {
+pub(crate) fn deserialize_bound<'de, D: Deserializer<'de>>(
+    d: D,
+    what: &str,
+) -> Result<(Value, Arc<Inner>), D::Error> {
     let v = deserialize_value(d)?;
     let incoming = current_incoming::<D::Error>(what)?;
     Ok((v, incoming.client))
 }
 
 fn serialize_value<S: Serializer>(v: &Value, s: S) -> Result<S::Ok, S::Error> {
-    rmpv::Value::from(v.clone()).serialize(s)
+    v.serialize(s)
 }
 
 /// Serializes a local placeholder (an ext value the engine replaces before sending).
@@ -299,7 +302,7 @@ impl Serialize for Interface {
         for (k, member) in &self.members {
             match member {
                 Member::Function(cb) => m.serialize_entry(k, cb)?,
-                Member::Value(v) => m.serialize_entry(k, &rmpv::Value::from(v.clone()))?,
+                Member::Value(v) => m.serialize_entry(k, v)?,
             }
         }
         m.end()
@@ -476,5 +479,60 @@ impl<'de> Deserialize<'de> for RemoteInterface {
             return Err(serde::de::Error::custom("expected a `_rintf` object (a map)"));
         };
         Ok(RemoteInterface { client: incoming.client, members, parent: incoming.parent })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hypha_rpc_core::codec::to_vec;
+
+    fn sample() -> Value {
+        let mut inner = Map::new();
+        inner.insert(1, "int key");
+        inner.insert("f32", Value::F32(1.5));
+        let mut m = Map::new();
+        m.insert("nil", Value::Nil);
+        m.insert("neg", -5_000_000_000i64);
+        m.insert("big", u64::MAX);
+        m.insert("bin", Value::bin(vec![0u8, 255, 7]));
+        m.insert("s", "héllo, a string longer than twenty-three bytes");
+        m.insert("arr", Value::Array(vec![true.into(), 2.5f64.into(), Value::Map(inner)]));
+        Value::Map(m)
+    }
+
+    #[test]
+    fn values_pass_through_serde_unchanged_and_byte_exact() {
+        let v = sample();
+        assert_eq!(to_value(&v).unwrap(), v);
+        assert_eq!(from_value::<Value>(&v).unwrap(), v);
+        // serde's encoding of a Value is exactly our encoder's.
+        assert_eq!(rmp_serde::to_vec_named(&v).unwrap(), to_vec(&v));
+    }
+
+    #[test]
+    fn callbacks_outside_a_call_are_an_encode_error() {
+        let cb = Callback::new(|| async { Ok::<_, String>(()) });
+        let e = to_value(&(cb,)).unwrap_err();
+        assert!(e.to_string().contains("only be sent as an argument or result"), "{e}");
+    }
+
+    #[test]
+    fn collected_locals_become_placeholders() {
+        let cb = Callback::new(|x: i64| async move { Ok::<_, String>(x) }).named("cb");
+        let g = Generator::new(futures::stream::iter(0..2u8));
+        let (v, locals) = to_value_with_locals(&(cb, g)).unwrap();
+        assert_eq!(locals.functions.len(), 1);
+        assert_eq!(locals.generators.len(), 1);
+        let a = v.as_array().unwrap();
+        assert!(matches!(a[0], Value::Ext(hypha_rpc_core::engine::LOCAL_FUNCTION_EXT, _)), "{a:?}");
+        assert!(matches!(a[1], Value::Ext(hypha_rpc_core::engine::LOCAL_GENERATOR_EXT, _)), "{a:?}");
+    }
+
+    #[test]
+    fn remote_functions_need_a_call_to_decode() {
+        let m = Method { target: "ws/c".into(), method: "services.x.f".into(), ..Method::default() };
+        let e = from_value::<RemoteFunction>(&m.to_value()).unwrap_err();
+        assert!(e.to_string().contains("arguments or result of a call"), "{e}");
     }
 }

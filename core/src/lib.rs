@@ -46,6 +46,8 @@ pub mod fuzzing;
 pub mod generator;
 pub mod limits;
 mod rng;
+#[cfg(feature = "serde")]
+mod serde_impl;
 pub mod service;
 pub mod time;
 pub mod value;
