@@ -787,3 +787,36 @@ pub(crate) fn encode_args<A: Serialize + ?Sized, K: Serialize + ?Sized>(
     };
     Ok((args, kwargs, locals))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_minute_with_bounded_jitter() {
+        let mid: Vec<f64> = (1..=9).map(|a| backoff(a, 0.5).as_secs_f64()).collect();
+        assert_eq!(mid, vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]);
+        for attempt in [1, 3, 7, 1000] {
+            let lo = backoff(attempt, 0.0).as_secs_f64();
+            let hi = backoff(attempt, 1.0).as_secs_f64();
+            let base = backoff(attempt, 0.5).as_secs_f64();
+            assert!(
+                (lo - base * 0.75).abs() < 1e-9 && (hi - base * 1.25).abs() < 1e-9,
+                "{attempt}: {lo} {hi}"
+            );
+        }
+        assert_eq!(backoff(0, 0.5), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn notify_wakes_once_per_notification() {
+        let n = Notify { flag: AtomicBool::new(false), waker: AtomicWaker::new() };
+        let waker = futures::task::noop_waker();
+        let mut cx = TaskContext::from_waker(&waker);
+        assert!(n.poll(&mut cx).is_pending());
+        n.notify();
+        n.notify();
+        assert!(n.poll(&mut cx).is_ready());
+        assert!(n.poll(&mut cx).is_pending());
+    }
+}

@@ -1,0 +1,186 @@
+//! The async client against the Python client, same server, same run: connect-to-ready, idle
+//! RSS, small echo latency, calls/s sequential and with 16 in flight, 50 MB echo. Each side
+//! calls an `echo` service registered by a second client of its own kind, so the server's
+//! share is the same on both sides; the ratio column is Python ÷ Rust (higher is better for
+//! us) for times and Rust ÷ Python for rates.
+//!
+//! `cargo run --release -p hypha-rpc-tests --example client_bench [-- SECONDS]`
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hypha_rpc_tests::server::HyphaServer;
+use hypha_rpc_tokio::serde_bytes::ByteBuf;
+use hypha_rpc_tokio::{ServerConfig, Service, Value, connect_to_server};
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Starts an idle client process, waits for READY, and reads its RSS after a short settle.
+fn idle_rss(mut cmd: Command) -> u64 {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn idle client");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("READY line");
+    assert_eq!(line.trim(), "READY", "idle client did not connect");
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_kib(child.id()).expect("read RSS");
+    let _ = writeln!(child.stdin.take().unwrap());
+    let _ = child.wait();
+    rss
+}
+
+#[derive(Default, Debug)]
+struct Figures {
+    connect_s: f64,
+    echo_median_s: f64,
+    echo_p99_s: f64,
+    seq_calls_per_s: f64,
+    par16_calls_per_s: f64,
+    echo_50mb_s: f64,
+    idle_rss_kib: u64,
+}
+
+async fn rust_side(url: &str, seconds: f64) -> Figures {
+    let mut f = Figures::default();
+    let mut conn = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s = connect_to_server(ServerConfig::new(url)).await.expect("connect");
+        conn.push(t.elapsed().as_secs_f64());
+        s.disconnect().await;
+    }
+    conn.sort_by(f64::total_cmp);
+    f.connect_s = conn[2];
+
+    let slow = Duration::from_secs(120);
+    let owner = connect_to_server(ServerConfig::new(url).method_timeout(slow)).await.expect("owner");
+    let token = owner.generate_token(None).await.expect("token");
+    let id = owner
+        .register_service(
+            Service::new("bench")
+                .visibility(hypha_rpc_tokio::Visibility::Public)
+                .function("echo", |x: Value| async move { Ok::<_, String>(x) }),
+        )
+        .await
+        .expect("register");
+    let caller = connect_to_server(
+        ServerConfig::new(url).workspace(owner.workspace()).token(token).method_timeout(slow),
+    )
+    .await
+    .expect("caller");
+    let svc = caller.get_service(&id).await.expect("get_service");
+    for _ in 0..50 {
+        let _: String = svc.call("echo", ("warm",)).await.unwrap();
+    }
+    let mut lat = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    while Instant::now() < end {
+        let t = Instant::now();
+        let _: String = svc.call("echo", ("hello",)).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    lat.sort_by(f64::total_cmp);
+    f.echo_median_s = lat[lat.len() / 2];
+    f.echo_p99_s = lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)];
+    f.seq_calls_per_s = lat.len() as f64 / lat.iter().sum::<f64>();
+
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let t = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let svc = svc.clone();
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                let _: String = svc.call("echo", ("hello",)).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut done = 0;
+    for w in workers {
+        done += w.await.unwrap();
+    }
+    f.par16_calls_per_s = done as f64 / t.elapsed().as_secs_f64();
+
+    let big: Vec<u8> =
+        (0..50 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let big = ByteBuf::from(big);
+    let t = Instant::now();
+    let back: ByteBuf = svc.call("echo", (&big,)).await.expect("50 MB echo");
+    f.echo_50mb_s = t.elapsed().as_secs_f64();
+    assert!(back == big, "50 MB echo came back different");
+    caller.disconnect().await;
+    owner.disconnect().await;
+    f
+}
+
+fn python_side(hs: &HyphaServer, seconds: f64) -> Figures {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/client_bench.py");
+    let out = Command::new(hs.python())
+        .args([script, hs.url(), &seconds.to_string()])
+        .output()
+        .expect("run the Python bench");
+    assert!(out.status.success(), "Python bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rfind(|l| l.starts_with('{')).unwrap_or_default();
+    let j: serde_json::Value = serde_json::from_str(last).expect("Python bench JSON");
+    let g = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+    Figures {
+        connect_s: g("connect_s"),
+        echo_median_s: g("echo_median_s"),
+        echo_p99_s: g("echo_p99_s"),
+        seq_calls_per_s: g("seq_calls_per_s"),
+        par16_calls_per_s: g("par16_calls_per_s"),
+        echo_50mb_s: g("echo_50mb_s"),
+        idle_rss_kib: 0,
+    }
+}
+
+fn main() {
+    let seconds: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut rust = rt.block_on(rust_side(hs.url(), seconds));
+    let mut py = python_side(&hs, seconds);
+
+    let exe = std::env::current_exe().unwrap();
+    let idle = exe.with_file_name("client_idle");
+    assert!(idle.exists(), "build the client_idle example first (cargo build --release --examples)");
+    let mut c = Command::new(idle);
+    c.arg(hs.url());
+    rust.idle_rss_kib = idle_rss(c);
+    let mut c = Command::new(hs.python());
+    c.args([concat!(env!("CARGO_MANIFEST_DIR"), "/py/client_idle.py"), hs.url()]);
+    py.idle_rss_kib = idle_rss(c);
+
+    println!("| measure | Rust (this client) | Python hypha-rpc | ratio |");
+    println!("| --- | --- | --- | --- |");
+    let ms = |x: f64| format!("{:.3} ms", x * 1e3);
+    let time_row =
+        |name: &str, r: f64, p: f64| println!("| {name} | {} | {} | {:.1}× faster |", ms(r), ms(p), p / r);
+    let rate_row =
+        |name: &str, r: f64, p: f64| println!("| {name} | {r:.0} /s | {p:.0} /s | {:.2}× |", r / p);
+    time_row("connect to ready (median of 5)", rust.connect_s, py.connect_s);
+    time_row("small echo latency, median", rust.echo_median_s, py.echo_median_s);
+    time_row("small echo latency, p99", rust.echo_p99_s, py.echo_p99_s);
+    rate_row("calls/s sequential", rust.seq_calls_per_s, py.seq_calls_per_s);
+    rate_row("calls/s, 16 in flight", rust.par16_calls_per_s, py.par16_calls_per_s);
+    println!(
+        "| 50 MB echo | {:.3} s | {:.3} s | {:.1}× faster |",
+        rust.echo_50mb_s,
+        py.echo_50mb_s,
+        py.echo_50mb_s / rust.echo_50mb_s
+    );
+    println!(
+        "| idle RSS of a connected client | {:.1} MiB | {:.1} MiB | {:.1}× smaller |",
+        rust.idle_rss_kib as f64 / 1024.0,
+        py.idle_rss_kib as f64 / 1024.0,
+        py.idle_rss_kib as f64 / rust.idle_rss_kib as f64
+    );
+}
