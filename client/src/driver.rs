@@ -137,7 +137,7 @@ pub(crate) fn backoff(attempt: u32, jitter: f64) -> Duration {
 
 /// A connection that lived at least this long resets the backoff; ones that die sooner
 /// escalate it (no reconnect storms against a server that accepts and then drops us).
-const STABLE_AFTER: Duration = Duration::from_secs(30);
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 enum Wake {
     Message(Option<core::result::Result<Message, async_tungstenite::tungstenite::Error>>),
@@ -714,6 +714,16 @@ impl Inner {
         let Shared { readers, engine, waiters, .. } = &mut *s;
         let Some(slot) = readers.get_mut(&rid) else { return Poll::Ready(None) };
         if let Some(item) = slot.reader.poll_item() {
+            if let Err(e) = &item {
+                if !matches!(e, CallError::Remote { .. }) {
+                    // The producer is unreachable (timeout, gone, server restarted): the stream
+                    // ends after this error instead of pulling into the void forever. Errors the
+                    // producer raised leave it open, as in Python.
+                    if let Some(mut slot) = readers.remove(&rid) {
+                        let _ = slot.reader.close(engine, now);
+                    }
+                }
+            }
             return Poll::Ready(Some(item.map_err(Error::from)));
         }
         if slot.reader.is_finished() {
