@@ -63,7 +63,8 @@ where
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let next = futures::future::select(states.next(), Box::pin(futures_timer(Duration::from_secs(1)))).await;
+        let next =
+            futures::future::select(states.next(), Box::pin(futures_timer(Duration::from_secs(1)))).await;
         if let futures::future::Either::Left((Some(s), _)) = next {
             let done = matches!(s, ConnectionState::Connected { reconnected: true });
             seen.push(s);

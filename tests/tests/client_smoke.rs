@@ -18,20 +18,26 @@ async fn rust_service_called_from_rust() {
         .expect("connect b");
 
     let svc = Service::new("hello")
-        .function("greet", |name: String| async move { Ok::<_, hypha_rpc_tokio::Error>(format!("Hello, {name}!")) })
+        .function("greet", |name: String| async move {
+            Ok::<_, hypha_rpc_tokio::Error>(format!("Hello, {name}!"))
+        })
         .function("add", |x: i64, y: i64| async move { Ok::<_, String>(x + y) })
         .function("fail", || async move { Err::<(), _>("boom") })
         .function("twice", |f: RemoteFunction, x: i64| async move {
             let once: i64 = f.call((x,)).await.map_err(|e| e.to_string())?;
             f.call::<i64>((once,)).await.map_err(|e| e.to_string())
         })
-        .function("count", |n: u32| async move { Ok::<_, String>(Generator::new(futures::stream::iter(0..n))) })
+        .function(
+            "count",
+            |n: u32| async move { Ok::<_, String>(Generator::new(futures::stream::iter(0..n))) },
+        )
         .function("counter", || async move {
             Ok::<_, String>(Interface::new().function("inc", |x: i64| async move { Ok::<_, String>(x + 1) }))
         })
-        .function_with_context("whoami", |ctx: hypha_rpc_tokio::Context| async move {
-            Ok::<_, String>(ctx.from)
-        });
+        .function_with_context(
+            "whoami",
+            |ctx: hypha_rpc_tokio::Context| async move { Ok::<_, String>(ctx.from) },
+        );
     let id = a.register_service(svc).await.expect("register");
     assert!(id.ends_with(":hello"), "{id}");
 
@@ -42,8 +48,14 @@ async fn rust_service_called_from_rust() {
     assert!(err.remote_message().unwrap().contains("boom"), "{err}");
     let double = Callback::new(|x: i64| async move { Ok::<_, String>(x * 2) });
     assert_eq!(p.call::<i64>("twice", (double, 5)).await.unwrap(), 20);
-    let items: Vec<u32> =
-        p.call::<RemoteGenerator>("count", (4,)).await.unwrap().typed::<u32>().map(|r| r.unwrap()).collect().await;
+    let items: Vec<u32> = p
+        .call::<RemoteGenerator>("count", (4,))
+        .await
+        .unwrap()
+        .typed::<u32>()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
     assert_eq!(items, vec![0, 1, 2, 3]);
     let counter: RemoteInterface = p.call("counter", ()).await.unwrap();
     assert_eq!(counter.call::<i64>("inc", (41,)).await.unwrap(), 42);
@@ -51,7 +63,13 @@ async fn rust_service_called_from_rust() {
     let who: String = p.call("whoami", ()).await.unwrap();
     assert!(who.ends_with(b.client_id()), "{who}");
     assert_eq!(b.echo(&vec![1, 2, 3]).await.unwrap(), vec![1, 2, 3]);
-    assert!(b.list_services().await.unwrap().iter().any(|s| s.get("id").and_then(|v| v.as_str()) == Some(id.as_str())));
+    assert!(
+        b.list_services()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.get("id").and_then(|v| v.as_str()) == Some(id.as_str()))
+    );
 
     b.disconnect().await;
     a.disconnect().await;
