@@ -132,10 +132,10 @@ macro_rules! handlers {
                     let e = arity_error($n, args.len());
                     return Box::pin(async move { Err(e) });
                 }
-                let mut it = args.into_iter();
+                let mut it = args.into_iter().enumerate();
                 $(
-                    let v = it.next().unwrap_or(Value::Nil);
-                    let $a: $a = match decode_arg(&v, &incoming) {
+                    let (i, v) = it.next().unwrap_or(($n, Value::Nil));
+                    let $a: $a = match decode_arg(i, &v, &incoming) {
                         Ok(x) => x,
                         Err(e) => return Box::pin(async move { Err(e) }),
                     };
@@ -182,10 +182,10 @@ macro_rules! handlers {
                     let e = arity_error($n, args.len());
                     return Box::pin(async move { Err(e) });
                 }
-                let mut it = args.into_iter();
+                let mut it = args.into_iter().enumerate();
                 $(
-                    let v = it.next().unwrap_or(Value::Nil);
-                    let $a: $a = match decode_arg(&v, &incoming) {
+                    let (i, v) = it.next().unwrap_or(($n, Value::Nil));
+                    let $a: $a = match decode_arg(i, &v, &incoming) {
                         Ok(x) => x,
                         Err(e) => return Box::pin(async move { Err(e) }),
                     };
@@ -227,7 +227,9 @@ handlers! {
     8 => (A1, A2, A3, A4, A5, A6, A7, A8);
 }
 
+/// Decodes argument `index` (0-based) into `T`, with an error naming both.
 fn decode_arg<T: DeserializeOwned>(
+    index: usize,
     v: &Value,
     incoming: &Option<Incoming>,
 ) -> core::result::Result<T, RemoteError> {
@@ -235,7 +237,10 @@ fn decode_arg<T: DeserializeOwned>(
         Some(i) => from_value_in(v, i),
         None => crate::values::from_value(v),
     };
-    r.map_err(|e| remote_error(format!("bad argument: {e}")))
+    r.map_err(|e| {
+        let want = std::any::type_name::<T>();
+        remote_error(format!("argument {} should be {want}, got {}: {e}", index + 1, v.kind()))
+    })
 }
 
 struct Raw<F>(F);
