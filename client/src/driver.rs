@@ -556,7 +556,7 @@ impl Inner {
             Event::GeneratorClosed { generator } => {
                 s.producers.remove(&generator);
             }
-            Event::InterfaceDisposed { functions, .. } => {
+            Event::InterfaceDisposed { functions, .. } | Event::FunctionsReleased { functions } => {
                 for f in functions {
                     s.functions.remove(&f);
                 }

@@ -201,6 +201,13 @@ pub enum Event {
         /// The driver's id for the generator.
         generator: GenId,
     },
+    /// Local functions we returned in a reply can no longer be called (their caller left,
+    /// they sat idle past [`Limits::export_idle_expiry`](crate::Limits), or we closed): drop
+    /// them. Fires at most once per function.
+    FunctionsReleased {
+        /// The driver's ids of the functions.
+        functions: Vec<FnId>,
+    },
     /// A `_rintf` interface we sent is gone (its holder disposed of it or left, or we
     /// reconnected): its functions will not be called again.
     InterfaceDisposed {

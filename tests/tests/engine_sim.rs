@@ -1388,3 +1388,35 @@ fn forged_heartbeats_do_not_keep_a_call_alive() {
     assert_eq!(sim.input_errors(b).len(), 3, "{:?}", sim.input_errors(b));
     sim.finish();
 }
+
+#[test]
+fn returned_functions_are_released_when_their_caller_leaves() {
+    let mut sim = new_sim();
+    let a = anon(&mut sim, "alice");
+    let spec = ServiceSpec::new("maker").function("make", FunctionSpec::new("make"));
+    let make = handler(|_: &Invocation| Reply::ok(local_function(FnId(77), "adder")));
+    let reg = sim.register(a, spec, vec![("make", make)]);
+    sim.wait_ok(a, reg);
+    let b = join(&mut sim, a, "bob");
+    let svc = fetch(&mut sim, b, "maker");
+    let call = sim.call(b, &method_at(&svc, "make"), vec![], None);
+    let returned = sim.wait_ok(b, call);
+    assert_eq!(returned.rtype(), Some("method"), "{returned:?}");
+    assert_eq!(sim.engine(a).exports(), 1);
+    let released = |sim: &Sim| {
+        sim.events(a).iter().filter(|(_, e)| matches!(e, Event::FunctionsReleased { .. })).count()
+    };
+    assert_eq!(released(&sim), 0, "alive while bob is here");
+    sim.kill_client(b);
+    assert_eq!(sim.engine(a).exports(), 0);
+    let events: Vec<_> = sim
+        .events(a)
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::FunctionsReleased { functions } => Some(functions.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events, vec![vec![FnId(77)]], "released once, with its id");
+    sim.finish();
+}

@@ -218,10 +218,19 @@ impl Engine {
             .map(|(s, _)| s.clone())
             .collect();
         for s in dead {
-            if let Some(x) = self.exports.remove(&s) {
-                for (_, generator) in x.generators {
-                    self.events.push_back(Event::GeneratorClosed { generator });
-                }
+            self.release_export(&s);
+        }
+    }
+
+    /// Drops one export, telling the driver which of its functions and generators died.
+    pub(super) fn release_export(&mut self, s: &str) {
+        if let Some(x) = self.exports.remove(s) {
+            for (_, generator) in x.generators {
+                self.events.push_back(Event::GeneratorClosed { generator });
+            }
+            if !x.functions.is_empty() {
+                let functions = x.functions.into_iter().map(|(_, f)| f).collect();
+                self.events.push_back(Event::FunctionsReleased { functions });
             }
         }
     }

@@ -787,7 +787,7 @@ impl Engine {
             if let Err(e) = self.send_reply(now, to, a.session, encode_frame(&frame)) {
                 // Nobody will ever hear of what the reply carried: free it.
                 if let Some(s) = export_session {
-                    self.exports.remove(&s);
+                    self.release_export(&s);
                 }
                 for sid in created {
                     self.interfaces.remove(&sid);
@@ -851,11 +851,7 @@ impl Engine {
         self.drop_interfaces(None);
         let all: Vec<String> = self.exports.keys().cloned().collect();
         for s in all {
-            if let Some(x) = self.exports.remove(&s) {
-                for (_, generator) in x.generators {
-                    self.events.push_back(Event::GeneratorClosed { generator });
-                }
-            }
+            self.release_export(&s);
         }
         self.uploads.clear();
         self.reassembly = Reassembly::default();
