@@ -31,7 +31,7 @@ use crate::config::{Endpoint, ServerConfig};
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use crate::service::{Call, DynHandler, Reply};
-use crate::values::{Incoming, Locals, from_value_in, to_value_with_locals};
+use crate::values::{Incoming, Locals, check_map, check_sendable, from_value_in, to_value_with_locals};
 use crate::ws::{self, Socket};
 
 /// What the connection is doing, as told by [`Server::connection_states`](crate::Server).
@@ -588,7 +588,7 @@ impl Inner {
                     let item = AssertUnwindSafe(stream.next()).catch_unwind().await;
                     let (reply, end) = match item {
                         Ok(Some(Ok(v))) => (Ok(v), false),
-                        Ok(Some(Err(e))) => (Err(remote_error(e.to_string())), false),
+                        Ok(Some(Err(message))) => (Err(remote_error(message)), false),
                         Ok(None) => (Ok(StopIteration.to_value()), true),
                         Err(_) => (Err(remote_error("the generator panicked")), true),
                     };
@@ -667,6 +667,10 @@ impl Inner {
         kwargs: Option<Map>,
         parent: Option<String>,
     ) -> Result<Value> {
+        args.iter().try_for_each(check_sendable)?;
+        if let Some(k) = &kwargs {
+            check_map(k)?;
+        }
         let options = CallOptions { parent, ..CallOptions::default() };
         let rx = self.start(Locals::default(), |e, now| e.call(now, method, args, kwargs, options))?;
         Self::settle(rx).await

@@ -50,5 +50,6 @@ pub use serde_bytes;
 pub use server::{Server, ServiceProxy, connect_with_runtime};
 pub use service::{Call, ContextHandler, Handler, Service};
 pub use values::{
-    Callback, Generator, Interface, RemoteFunction, RemoteGenerator, RemoteInterface, from_value, to_value,
+    Callback, Generator, Interface, RemoteFunction, RemoteGenerator, RemoteInterface, check_sendable,
+    from_value, to_value,
 };

@@ -40,7 +40,8 @@ fn local_limits() -> Limits {
 #[derive(Default)]
 pub struct Locals {
     pub(crate) functions: Vec<(FnId, Arc<dyn DynHandler>)>,
-    pub(crate) generators: Vec<(GenId, BoxStream<'static, Result<Value>>)>,
+    /// Items, or the message of an error to raise in the consumer.
+    pub(crate) generators: Vec<(GenId, BoxStream<'static, Result<Value, String>>)>,
 }
 
 /// Who is deserializing: remote functions found in the value call back through `client`.
@@ -83,11 +84,43 @@ pub fn to_value<T: Serialize + ?Sized>(t: &T) -> Result<Value> {
 }
 
 /// Converts a Rust value to a [`Value`], collecting the local functions and generators in it.
+/// Refuses what peers cannot read (see [`check_sendable`]).
 pub(crate) fn to_value_with_locals<T: Serialize + ?Sized>(t: &T) -> Result<(Value, Locals)> {
     let previous = OUTGOING.with(|o| o.borrow_mut().replace(Locals::default()));
-    let result = encode_msgpack(t);
+    let result = encode_msgpack(t).and_then(|v| check_sendable(&v).map(|()| v));
     let locals = OUTGOING.with(|o| core::mem::replace(&mut *o.borrow_mut(), previous)).unwrap_or_default();
     result.map(|v| (v, locals))
+}
+
+/// Map keys must be strings or bytes: the server and Python peers unpack with
+/// `strict_map_key` and drop a whole frame with any other key (PROTOCOL.md §4.1), which would
+/// leave the call to time out. Refusing here turns that into an immediate error.
+///
+/// ```
+/// use hypha_rpc::{Map, Value};
+/// let mut m = Map::new();
+/// m.insert(1, "one");
+/// let e = hypha_rpc::check_sendable(&Value::Array(vec![Value::Map(m)])).unwrap_err();
+/// assert!(e.to_string().contains("map keys must be strings"));
+/// ```
+pub fn check_sendable(v: &Value) -> Result<()> {
+    match v {
+        Value::Array(a) => a.iter().try_for_each(check_sendable),
+        Value::Map(m) => check_map(m),
+        _ => Ok(()),
+    }
+}
+
+/// [`check_sendable`] for a map (keyword arguments).
+pub(crate) fn check_map(m: &Map) -> Result<()> {
+    m.iter().try_for_each(|(k, x)| match k {
+        Value::Str(_) | Value::Bin(_) => check_sendable(x),
+        other => Err(Error::Encode(format!(
+            "map keys must be strings or bytes, found a {} key ({other:?}): the server and Python \
+             peers drop such messages",
+            other.kind()
+        ))),
+    })
 }
 
 /// Converts a [`Value`] to a Rust type. Remote functions inside can only be decoded where the
@@ -211,13 +244,13 @@ impl Serialize for Callback {
 /// # let _ = counting;
 /// ```
 pub struct Generator {
-    stream: std::sync::Mutex<Option<BoxStream<'static, Result<Value>>>>,
+    stream: std::sync::Mutex<Option<BoxStream<'static, Result<Value, String>>>>,
 }
 
 impl Generator {
     /// Items of `stream`, each converted with [`to_value`].
     pub fn new<T: Serialize + Send + 'static>(stream: impl Stream<Item = T> + Send + 'static) -> Self {
-        Self::try_new(stream.map(Ok::<T, Error>))
+        Self::try_new(stream.map(Ok::<T, String>))
     }
     /// Items or errors of `stream`: an error is raised in the consumer, and the generator stays
     /// open (as in Python).
@@ -227,8 +260,11 @@ impl Generator {
         E: fmt::Display + Send + 'static,
     {
         let s = stream.map(|r| match r {
-            Ok(t) => to_value(&t),
-            Err(e) => Err(Error::Encode(e.to_string())),
+            Ok(t) => to_value(&t)
+                .and_then(|v| check_sendable(&v).map(|()| v))
+                .map_err(|e| format!("cannot send a generator item: {e}")),
+            // The producer's own error travels verbatim, as Python's does.
+            Err(e) => Err(e.to_string()),
         });
         Generator { stream: std::sync::Mutex::new(Some(s.boxed())) }
     }

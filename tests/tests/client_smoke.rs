@@ -74,3 +74,25 @@ async fn rust_service_called_from_rust() {
     b.disconnect().await;
     a.disconnect().await;
 }
+
+/// The blocking wrapper, from a plain (non-async) test.
+#[test]
+fn blocking_wrapper_works_without_async_code() {
+    use hypha_rpc_tokio::blocking;
+    let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
+    let server = blocking::connect_to_server(ServerConfig::new(hs.url())).expect("connect");
+    let id = server
+        .register_service(
+            Service::new("adder").function("add", |a: i64, b: i64| async move { Ok::<_, String>(a + b) }),
+        )
+        .expect("register");
+    let svc = server.get_service(&id).expect("get_service");
+    assert_eq!(svc.call::<i64>("add", (40, 2)).unwrap(), 42);
+    let e = svc.call::<i64>("nope", ()).unwrap_err();
+    assert!(matches!(e, hypha_rpc_tokio::Error::NoSuchMethod { .. }), "{e}");
+    assert_eq!(server.echo(&"hi".to_string()).unwrap(), "hi");
+    server.disconnect();
+    // After disconnect every call fails with a clear error instead of hanging.
+    let e = svc.call::<i64>("add", (1, 2)).unwrap_err();
+    assert!(matches!(e, hypha_rpc_tokio::Error::Closed), "{e}");
+}

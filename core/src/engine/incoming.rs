@@ -66,9 +66,22 @@ pub(super) fn slot_address(
 }
 
 /// The error of a reject: `{_rtype: "error", _rvalue, _rtrace}`, or whatever else was sent.
+/// The server's own answer for a callee that left (PROTOCOL.md §3.3, "Target peer <id> is not
+/// connected" with an empty trace) becomes [`CallError::PeerDisconnected`], the same error a
+/// call in flight gets when its callee leaves.
 pub(super) fn remote_error(v: Option<&Value>) -> CallError {
     match v.and_then(RemoteError::from_value) {
-        Some(Ok(e)) => CallError::Remote { message: e.message, trace: e.trace },
+        Some(Ok(e)) => {
+            let gone = e.trace.as_deref().unwrap_or("").is_empty();
+            let peer =
+                e.message.strip_prefix("Target peer ").and_then(|r| r.strip_suffix(" is not connected"));
+            match peer {
+                Some(peer) if gone && !peer.is_empty() && !peer.contains(' ') => {
+                    CallError::PeerDisconnected { peer: peer.into() }
+                }
+                _ => CallError::Remote { message: e.message, trace: e.trace },
+            }
+        }
         _ => CallError::Remote { message: v.map(|v| format!("{v:?}")).unwrap_or_default(), trace: None },
     }
 }
