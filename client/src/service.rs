@@ -243,6 +243,36 @@ fn decode_arg<T: DeserializeOwned>(
     })
 }
 
+/// A handler whose parameters have names: keyword arguments become positional ones.
+struct Named {
+    names: Vec<String>,
+    inner: Arc<dyn DynHandler>,
+}
+
+impl DynHandler for Named {
+    fn call(&self, mut call: Call) -> BoxFuture<'static, Reply> {
+        if let Some(mut kwargs) = call.kwargs.take() {
+            for name in self.names.iter().skip(call.args.len()) {
+                let v = kwargs.remove(name).unwrap_or(Value::Nil);
+                call.args.push(v);
+            }
+            if let Some((k, _)) = kwargs.iter().next() {
+                let k = k.as_str().unwrap_or("?");
+                let e = if self.names.iter().any(|n| n == k) {
+                    remote_error(format!("got multiple values for argument {k}"))
+                } else {
+                    remote_error(format!(
+                        "unexpected keyword argument {k} (parameters: {})",
+                        self.names.join(", ")
+                    ))
+                };
+                return Box::pin(async move { Err(e) });
+            }
+        }
+        self.inner.call(call)
+    }
+}
+
 struct Raw<F>(F);
 
 impl<F, Fut, R, E> DynHandler for Raw<F>
@@ -281,12 +311,13 @@ pub struct Service {
     pub(crate) spec: ServiceSpec,
     pub(crate) handlers: HashMap<String, Arc<dyn DynHandler>>,
     with_context: Vec<String>,
+    last: Option<String>,
 }
 
 impl Service {
     /// A service with id `id` (no `/` or `:`).
     pub fn new(id: impl Into<String>) -> Self {
-        Service { spec: ServiceSpec::new(id), handlers: HashMap::new(), with_context: Vec::new() }
+        Service { spec: ServiceSpec::new(id), handlers: HashMap::new(), with_context: Vec::new(), last: None }
     }
     /// The service id.
     pub fn id(&self) -> &str {
@@ -332,6 +363,27 @@ impl Service {
     {
         self.add(path, Arc::new(Raw(f)), None)
     }
+    /// Names the parameters of the function added last, so callers may pass them by keyword
+    /// (Python `svc.add(40, b=2)`): keyword arguments fill the named positions after the
+    /// positional ones, and an unknown keyword is an error, as in Python. Without names,
+    /// keyword arguments arrive as one trailing map.
+    ///
+    /// ```
+    /// use hypha_rpc::Service;
+    /// let svc = Service::new("math")
+    ///     .function("add", |a: i64, b: i64| async move { Ok::<_, String>(a + b) })
+    ///     .arg_names(&["a", "b"]);
+    /// # let _ = svc;
+    /// ```
+    pub fn arg_names(mut self, names: &[&str]) -> Self {
+        if let Some(path) = self.last.clone() {
+            if let Some(h) = self.handlers.remove(&path) {
+                let names = names.iter().map(|n| n.to_string()).collect();
+                self.handlers.insert(path, Arc::new(Named { names, inner: h }));
+            }
+        }
+        self
+    }
     /// Adds a plain value at `path` (served as data in the service description).
     pub fn value(mut self, path: &str, v: impl Into<Value>) -> Self {
         self.spec = self.spec.value(path, v);
@@ -350,6 +402,7 @@ impl Service {
         }
         self.spec = self.spec.function(path, f);
         self.handlers.insert(path.to_string(), h);
+        self.last = Some(path.to_string());
         self
     }
 }
@@ -362,4 +415,53 @@ impl fmt::Debug for Service {
 
 pub(crate) fn unknown(service: &str, method: &str) -> Error {
     Error::NoSuchMethod { service: service.into(), method: method.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(h: &Arc<dyn DynHandler>, args: Vec<Value>, kwargs: &[(&str, i64)]) -> Result<Value, String> {
+        let kwargs = (!kwargs.is_empty()).then(|| {
+            let mut m = Map::new();
+            for (k, v) in kwargs {
+                m.insert(*k, *v);
+            }
+            m
+        });
+        let call = Call { args, kwargs, context: None, incoming: None };
+        futures::executor::block_on(h.call(call)).map(|(v, _)| v).map_err(|e| e.message)
+    }
+
+    #[test]
+    fn named_parameters_take_keyword_arguments_like_python() {
+        let svc = Service::new("m")
+            .function("sub", |a: i64, b: i64| async move { Ok::<_, String>(a - b) })
+            .arg_names(&["a", "b"])
+            .function("opt", |a: i64, b: Option<i64>| async move { Ok::<_, String>(a + b.unwrap_or(100)) })
+            .arg_names(&["a", "b"]);
+        let sub = &svc.handlers["sub"];
+        assert_eq!(run(sub, vec![10.into(), 3.into()], &[]), Ok(7.into()));
+        assert_eq!(run(sub, vec![10.into()], &[("b", 3)]), Ok(7.into()));
+        assert_eq!(run(sub, vec![], &[("b", 3), ("a", 10)]), Ok(7.into()), "order of keywords is free");
+        let e = run(sub, vec![10.into()], &[("a", 1)]).unwrap_err();
+        assert!(e.contains("multiple values for argument a"), "{e}");
+        let e = run(sub, vec![10.into()], &[("c", 1)]).unwrap_err();
+        assert!(e.contains("unexpected keyword argument c"), "{e}");
+        let opt = &svc.handlers["opt"];
+        assert_eq!(run(opt, vec![], &[("a", 1)]), Ok(101.into()), "a missing keyword is None");
+    }
+
+    #[test]
+    fn without_names_keywords_are_one_trailing_map() {
+        #[derive(serde::Deserialize)]
+        struct Opts {
+            x: i64,
+            y: i64,
+        }
+        let svc = Service::new("m").function("f", |o: Opts| async move { Ok::<_, String>(o.x * o.y) });
+        assert_eq!(run(&svc.handlers["f"], vec![], &[("x", 6), ("y", 7)]), Ok(42.into()));
+        let e = run(&svc.handlers["f"], vec![1.into()], &[("x", 6), ("y", 7)]).unwrap_err();
+        assert!(e.contains("takes 1 argument(s) but 2 were given"), "{e}");
+    }
 }

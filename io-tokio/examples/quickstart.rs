@@ -25,6 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok::<_, String>(format!("Hello, {name}! (from Rust)"))
         })
         .function_doc("add", "Add two numbers.", |a: i64, b: i64| async move { Ok::<_, String>(a + b) })
+        .arg_names(&["a", "b"]) // so Python may call add(40, b=2)
         .function_doc("count", "Count from 0 to n-1, as a generator.", |n: u32| async move {
             Ok::<_, String>(Generator::new(futures::stream::iter(0..n)))
         });

@@ -12,7 +12,7 @@ async def main(url, workspace, token, rust_service):
     )
     rust = await server.get_service(rust_service)
     print(f"python: greet('Python') -> {await rust.greet('Python')!r}", flush=True)
-    print(f"python: add(40, 2) -> {await rust.add(40, 2)!r}", flush=True)
+    print(f"python: add(40, b=2) -> {await rust.add(40, b=2)!r}", flush=True)
     items = [i async for i in await rust.count(3)]
     print(f"python: [i async for i in count(3)] -> {items!r}", flush=True)
 
