@@ -137,7 +137,9 @@ async fn calls_survive_repeated_server_restarts() {
         workers.push(tokio::spawn(w));
     }
 
-    let restarts = 3;
+    // CI runs 3; a longer run: `HYPHA_CHAOS_RESTARTS=20 cargo test -p hypha-rpc-tests --test chaos -- --nocapture`.
+    let restarts: usize =
+        std::env::var("HYPHA_CHAOS_RESTARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let mut recoveries = Vec::new();
     for round in 0..restarts {
         tokio::time::sleep(Duration::from_secs(3)).await;
