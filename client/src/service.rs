@@ -115,9 +115,48 @@ fn arity_error(want: usize, got: usize) -> RemoteError {
     ))
 }
 
+/// Positional arguments decoded into a tuple of serde types (one impl per arity).
+trait DecodeArgs: Sized {
+    fn decode(args: Vec<Value>, incoming: &Option<Incoming>) -> core::result::Result<Self, RemoteError>;
+}
+
+/// Awaits a user function's future and turns its outcome into a reply.
+fn respond<Fut, R, E>(fut: Fut) -> BoxFuture<'static, Reply>
+where
+    Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+    R: Serialize + 'static,
+    E: fmt::Display + 'static,
+{
+    Box::pin(async move {
+        match fut.await {
+            Ok(r) => encode_reply(&r),
+            Err(e) => Err(remote_error(e)),
+        }
+    })
+}
+
+fn fail(e: RemoteError) -> BoxFuture<'static, Reply> {
+    Box::pin(async move { Err(e) })
+}
+
 macro_rules! handlers {
     ($($n:literal => ($($a:ident),*);)*) => {$(
         #[allow(non_snake_case, unused_variables, unused_mut)]
+        impl<$($a: DeserializeOwned,)*> DecodeArgs for ($($a,)*) {
+            fn decode(args: Vec<Value>, incoming: &Option<Incoming>) -> core::result::Result<Self, RemoteError> {
+                if args.len() > $n {
+                    return Err(arity_error($n, args.len()));
+                }
+                let mut it = args.into_iter().enumerate();
+                $(
+                    let (i, v) = it.next().unwrap_or(($n, Value::Nil));
+                    let $a: $a = decode_arg(i, &v, incoming)?;
+                )*
+                Ok(($($a,)*))
+            }
+        }
+
+        #[allow(non_snake_case)]
         impl<F, Fut, R, E, $($a,)*> DynHandler for Erased<F, (Fut, R, E, $($a,)*)>
         where
             F: Fn($($a),*) -> Fut + Send + Sync + 'static,
@@ -128,25 +167,10 @@ macro_rules! handlers {
         {
             fn call(&self, call: Call) -> BoxFuture<'static, Reply> {
                 let (args, incoming, _) = call.into_flat();
-                if args.len() > $n {
-                    let e = arity_error($n, args.len());
-                    return Box::pin(async move { Err(e) });
+                match <($($a,)*)>::decode(args, &incoming) {
+                    Ok(($($a,)*)) => respond((self.f)($($a),*)),
+                    Err(e) => fail(e),
                 }
-                let mut it = args.into_iter().enumerate();
-                $(
-                    let (i, v) = it.next().unwrap_or(($n, Value::Nil));
-                    let $a: $a = match decode_arg(i, &v, &incoming) {
-                        Ok(x) => x,
-                        Err(e) => return Box::pin(async move { Err(e) }),
-                    };
-                )*
-                let fut = (self.f)($($a),*);
-                Box::pin(async move {
-                    match fut.await {
-                        Ok(r) => encode_reply(&r),
-                        Err(e) => Err(remote_error(e)),
-                    }
-                })
             }
         }
 
@@ -163,7 +187,7 @@ macro_rules! handlers {
             }
         }
 
-        #[allow(non_snake_case, unused_variables, unused_mut)]
+        #[allow(non_snake_case)]
         impl<F, Fut, R, E, $($a,)*> DynHandler for ErasedCtx<F, (Fut, R, E, $($a,)*)>
         where
             F: Fn(Context, $($a),*) -> Fut + Send + Sync + 'static,
@@ -175,28 +199,12 @@ macro_rules! handlers {
             fn call(&self, call: Call) -> BoxFuture<'static, Reply> {
                 let (args, incoming, context) = call.into_flat();
                 let Some(context) = context else {
-                    let e = remote_error("no trusted context was given for a function that requires it");
-                    return Box::pin(async move { Err(e) });
+                    return fail(remote_error("no trusted context was given for a function that requires it"));
                 };
-                if args.len() > $n {
-                    let e = arity_error($n, args.len());
-                    return Box::pin(async move { Err(e) });
+                match <($($a,)*)>::decode(args, &incoming) {
+                    Ok(($($a,)*)) => respond((self.f)(context, $($a),*)),
+                    Err(e) => fail(e),
                 }
-                let mut it = args.into_iter().enumerate();
-                $(
-                    let (i, v) = it.next().unwrap_or(($n, Value::Nil));
-                    let $a: $a = match decode_arg(i, &v, &incoming) {
-                        Ok(x) => x,
-                        Err(e) => return Box::pin(async move { Err(e) }),
-                    };
-                )*
-                let fut = (self.f)(context, $($a),*);
-                Box::pin(async move {
-                    match fut.await {
-                        Ok(r) => encode_reply(&r),
-                        Err(e) => Err(remote_error(e)),
-                    }
-                })
             }
         }
 
@@ -266,7 +274,7 @@ impl DynHandler for Named {
                         self.names.join(", ")
                     ))
                 };
-                return Box::pin(async move { Err(e) });
+                return fail(e);
             }
         }
         self.inner.call(call)
@@ -283,13 +291,7 @@ where
     E: fmt::Display + 'static,
 {
     fn call(&self, call: Call) -> BoxFuture<'static, Reply> {
-        let fut = (self.0)(call);
-        Box::pin(async move {
-            match fut.await {
-                Ok(r) => encode_reply(&r),
-                Err(e) => Err(remote_error(e)),
-            }
-        })
+        respond((self.0)(call))
     }
 }
 
