@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${HYPHA_VENV:-$ROOT/.venv}"
-PINS=(hypha==0.21.137 hypha-rpc==0.21.47 aiobotocore "sqlmodel<0.0.45" msgpack numpy)
+PINS=(hypha==0.21.137 hypha-rpc==0.21.47 aiobotocore "sqlmodel<0.0.45" msgpack numpy pynacl==1.5.0)
 STAMP="$VENV/.pins"
 WANT="$(printf '%s\n' "${PINS[@]}")"
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
@@ -17,6 +17,6 @@ echo "creating venv $VENV with ${PINS[*]}" >&2
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PINS[@]}" >&2
-"$VENV/bin/python" -c "import hypha, hypha_rpc, msgpack, numpy" >&2
+"$VENV/bin/python" -c "import hypha, hypha_rpc, msgpack, numpy, nacl" >&2
 printf '%s\n' "${PINS[@]}" > "$STAMP"
 echo "$VENV/bin/python"

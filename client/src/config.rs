@@ -41,6 +41,12 @@ pub struct ServerConfig {
     pub extra_root_certificates: Vec<Vec<u8>>,
     /// Seeds session ids (default: random).
     pub seed: Option<u64>,
+    /// End-to-end encryption (Python `encryption: True`): calls to services fetched with a
+    /// public key are sealed so the server cannot read or alter them, and encrypted calls to
+    /// us are opened and answered sealed. Default off.
+    pub encryption: bool,
+    /// Our encryption secret key (32 bytes); a new key pair is generated when `None`.
+    pub encryption_secret_key: Option<[u8; 32]>,
 }
 
 impl ServerConfig {
@@ -56,6 +62,8 @@ impl ServerConfig {
             reconnect: true,
             extra_root_certificates: Vec::new(),
             seed: None,
+            encryption: false,
+            encryption_secret_key: None,
         }
     }
     /// Sets [`ServerConfig::token`].
@@ -81,6 +89,17 @@ impl ServerConfig {
     /// Sets [`ServerConfig::reconnect`].
     pub fn reconnect(mut self, on: bool) -> Self {
         self.reconnect = on;
+        self
+    }
+    /// Turns end-to-end encryption on, with a fresh key pair (see [`ServerConfig::encryption`]).
+    pub fn encryption(mut self, on: bool) -> Self {
+        self.encryption = on;
+        self
+    }
+    /// Turns encryption on with our own secret key (to keep a stable public key).
+    pub fn encryption_secret_key(mut self, secret: [u8; 32]) -> Self {
+        self.encryption = true;
+        self.encryption_secret_key = Some(secret);
         self
     }
     /// Adds a trusted root certificate (DER bytes), for servers with a private CA.

@@ -111,6 +111,8 @@ pub(crate) struct Shared {
     closing: bool,
     give_up: bool,
     ever_connected: bool,
+    /// When the current connection completed its handshake.
+    connected_since: Option<std::time::Instant>,
     tasks: Vec<BoxFuture<'static, ()>>,
 }
 
@@ -135,9 +137,11 @@ pub(crate) fn backoff(attempt: u32, jitter: f64) -> Duration {
     Duration::from_secs_f64(base * (0.75 + 0.5 * jitter.clamp(0.0, 1.0)))
 }
 
-/// A connection that lived at least this long resets the backoff; ones that die sooner
-/// escalate it (no reconnect storms against a server that accepts and then drops us).
-const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A connection that completed the handshake and then lived at least this long resets the
+/// backoff; ones that fail or die sooner escalate it (no reconnect storms against a server
+/// that accepts and then drops us). A server restarted again and again is not a storm: each
+/// good connection starts the backoff over.
+const STABLE_AFTER: Duration = Duration::from_secs(2);
 
 enum Wake {
     Message(Option<core::result::Result<Message, async_tungstenite::tungstenite::Error>>),
@@ -179,7 +183,16 @@ impl Inner {
         ec.method_timeout = config.method_timeout;
         ec.limits = config.limits.clone();
         ec.seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
-        let engine = Engine::new(ec, Instant::ZERO);
+        let mut engine = Engine::new(ec, Instant::ZERO);
+        if config.encryption {
+            use hypha_rpc_core::crypto::NaclBox;
+            let rng = rand_core::OsRng;
+            let crypto = match config.encryption_secret_key {
+                Some(secret) => NaclBox::from_secret(secret, rng),
+                None => NaclBox::generate(rng),
+            };
+            engine.set_crypto(Box::new(crypto));
+        }
         let socket = ws::connect(&*rt, &endpoint, &config.limits, &config.extra_root_certificates).await?;
         let (ready_tx, ready_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -198,6 +211,7 @@ impl Inner {
                 closing: false,
                 give_up: false,
                 ever_connected: false,
+                connected_since: None,
                 tasks: Vec::new(),
             }),
             wake: Notify { flag: AtomicBool::new(false), waker: AtomicWaker::new() },
@@ -240,9 +254,9 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             if let Some(sock) = socket.take() {
-                let started = std::time::Instant::now();
                 self.connection(sock).await;
-                if started.elapsed() >= STABLE_AFTER {
+                let lived = self.lock().connected_since.take().map(|t| t.elapsed());
+                if lived.is_some_and(|d| d >= STABLE_AFTER) {
                     attempt = 0;
                 }
             }
@@ -477,6 +491,7 @@ impl Inner {
             Event::Connected { info, reconnected } => {
                 tracing::info!(workspace = %info.workspace, client = %info.client_id, reconnected, "connected");
                 s.ever_connected = true;
+                s.connected_since = Some(std::time::Instant::now());
                 if let Some(r) = s.ready.take() {
                     let _ = r.send(Ok(info));
                 }

@@ -54,7 +54,7 @@ pub enum Error {
 impl Error {
     /// `true` for a timeout of a call.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Call(CallError::Timeout { .. }))
+        matches!(self, Error::Call(CallError::Timeout { .. } | CallError::NoReplyEncrypted { .. }))
     }
     /// The remote error message when the remote function raised.
     pub fn remote_message(&self) -> Option<&str> {

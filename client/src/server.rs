@@ -91,6 +91,37 @@ impl Server {
         ServiceProxy::from_value(self.inner.clone(), v, id)
     }
 
+    /// Gets a remote service whose calls are end-to-end encrypted for `public_key` (the
+    /// provider's `get_public_key()`, 64 hex characters, obtained out of band; Python:
+    /// `get_service(id, {"encryption_public_key": key})`). Arguments, results, errors,
+    /// callbacks and large messages are sealed; the server sees only the routing header.
+    /// Needs [`ServerConfig::encryption`].
+    ///
+    /// A Python provider sends generator items in clear even inside an encrypted session
+    /// (hypha-rpc 0.21.47); between Rust peers they are sealed too.
+    pub async fn get_encrypted_service(&self, id: &str, public_key: &str) -> Result<ServiceProxy> {
+        let key = hypha_rpc_core::crypto::key_from_hex(public_key).ok_or_else(|| {
+            Error::Engine(hypha_rpc_core::EngineError::Encryption(format!(
+                "public key {public_key:?} is not 64 hex characters"
+            )))
+        })?;
+        if self.get_public_key().is_none() {
+            return Err(Error::Engine(hypha_rpc_core::EngineError::Encryption(
+                "encryption is off: connect with ServerConfig::encryption(true)".into(),
+            )));
+        }
+        let mut proxy = self.get_service(id).await?;
+        attach_key(&mut proxy.info, &key);
+        Ok(proxy)
+    }
+
+    /// Our encryption public key (64 hex characters) when encryption is on (Python:
+    /// `get_public_key()`). Give it to callers so they can reach us encrypted, and list
+    /// callers' keys in [`Service::trusted_keys`](crate::Service::trusted_keys).
+    pub fn get_public_key(&self) -> Option<String> {
+        self.inner.lock().engine.public_key().map(|k| hypha_rpc_core::crypto::to_hex(&k))
+    }
+
     /// Calls a method of the workspace manager (`echo`, `list_services`, `generate_token`,
     /// `list_clients`, ...) with positional arguments (a tuple) and keyword arguments (a map
     /// or `()`).
@@ -153,6 +184,21 @@ impl Server {
     /// disappear from the server, and no reconnection happens. Waits until done.
     pub async fn disconnect(&self) {
         self.inner.shutdown().await;
+    }
+}
+
+/// Puts `_renc_pub` on every function descriptor of a service map (Python attaches the key to
+/// every function proxy).
+fn attach_key(m: &mut Map, key: &[u8; 32]) {
+    let is_method = m.get("_rtype").and_then(Value::as_str) == Some("method");
+    if is_method {
+        m.insert("_renc_pub", Value::bin(bytes::Bytes::copy_from_slice(key)));
+        return;
+    }
+    for (_, v) in m.iter_mut() {
+        if let Value::Map(inner) = v {
+            attach_key(inner, key);
+        }
     }
 }
 

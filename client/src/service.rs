@@ -340,6 +340,14 @@ impl Service {
         self.spec = self.spec.visibility(v);
         self
     }
+    /// Only encrypted calls from these public keys (64 hex characters each) get in (Python:
+    /// `config.trusted_keys`); others get Python's error ("Encryption required ..." or
+    /// "Caller's public key is not in the trusted keys list ..."). An empty list is refused at
+    /// registration (Python would read it as "no restriction"): omit it, or list keys.
+    pub fn trusted_keys<S: Into<String>>(mut self, keys: impl IntoIterator<Item = S>) -> Self {
+        self.spec = self.spec.trusted_keys(keys);
+        self
+    }
     /// Adds a function at a dotted `path` (`"greet"`, `"math.add"`).
     pub fn function<M, F: Handler<M>>(self, path: &str, f: F) -> Self {
         self.add(path, f.into_dyn(), None)

@@ -51,6 +51,21 @@ pub enum CallError {
         /// What happened.
         reason: String,
     },
+    /// An encrypted call got no reply and no heartbeat at all: most likely the callee could
+    /// not decrypt it (a wrong public key, or encryption off on its side). Such a request cannot
+    /// be answered, so this is the only sign of the mismatch.
+    #[error(
+        "no reply from {target}:{method} within {after:?}, possibly an encryption key mismatch \
+         (the callee could not decrypt the request, or has encryption off)"
+    )]
+    NoReplyEncrypted {
+        /// The callee.
+        target: String,
+        /// The method path.
+        method: String,
+        /// The timeout that ran out.
+        after: Duration,
+    },
     /// The engine could not send the call (a limit in force, or it was closed meanwhile).
     #[error("the call could not be sent: {reason}")]
     Refused {
@@ -135,6 +150,10 @@ pub enum EngineError {
     /// No registered service has this id.
     #[error("no local service {0:?}")]
     UnknownService(String),
+    /// Encryption misuse: a bad public key, keys configured without encryption, an empty
+    /// `trusted_keys` list, ...
+    #[error("encryption: {0}")]
+    Encryption(String),
 }
 
 /// A frame the engine received could not be used. It was dropped on its own: nothing else is
@@ -154,4 +173,8 @@ pub enum InputError {
     /// A frame arrived while the engine cannot use it (for example binary before the handshake).
     #[error("unexpected frame: {0}")]
     Unexpected(&'static str),
+    /// An encrypted frame we cannot open (wrong key, tampered data, encryption off here). Its
+    /// promise is inside the ciphertext, so it cannot be answered: the caller times out.
+    #[error("{0}")]
+    Encryption(String),
 }

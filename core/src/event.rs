@@ -103,6 +103,9 @@ pub struct Context {
     pub parent: Option<String>,
     /// `"websocket"` (or `"webrtc"`).
     pub connection_type: &'static str,
+    /// The caller's public key (64 hex characters) when the call arrived encrypted: the
+    /// caller proved it holds the matching secret key.
+    pub caller_public_key: Option<String>,
 }
 
 impl Context {
@@ -123,6 +126,10 @@ impl Context {
         m.push(Value::from_static("ws"), self.ws.as_str());
         m.push(Value::from_static("user"), self.user.clone());
         m.push(Value::from_static("connection_type"), self.connection_type);
+        if let Some(k) = &self.caller_public_key {
+            m.push(Value::from_static("encryption"), true);
+            m.push(Value::from_static("caller_public_key"), k.as_str());
+        }
         Value::Map(m)
     }
 }

@@ -187,3 +187,108 @@ pub fn chunk_reassembly(data: &[u8]) {
         assert_eq!(r.len(), model.len(), "reassembly and model disagree on live messages");
     }
 }
+
+/// The end-to-end envelope (PROTOCOL.md §12) into a connected engine with (fake) encryption
+/// on. `data` is cut into records `mode, flip, len(2), bytes`:
+/// - mode 0: `bytes` is a plaintext (any msgpack, ideally an `extra` map) that a peer seals
+///   correctly: whatever it holds, nothing panics and every reply goes back sealed;
+/// - mode 1: the same, with one ciphertext byte flipped: it must never reach user code;
+/// - mode 2: `bytes` are raw envelope fields (`pub`, `nonce`, `data`): rejected cleanly.
+pub fn e2e_envelope(data: &[u8]) {
+    use crate::codec::Frame;
+    use crate::crypto::{Crypto, FakeCrypto};
+    use crate::service::{FunctionSpec, ServiceSpec, Visibility};
+    use crate::time::{Duration, Instant};
+    use crate::{Engine, EngineConfig, Event, Map, Transmit};
+    use bytes::Bytes;
+
+    let mut config = EngineConfig::new("callee");
+    config.registration_check_interval = None;
+    let mut now = Instant::from_micros(1);
+    let mut engine = Engine::new(config, now);
+    engine.set_crypto(alloc::boxed::Box::new(FakeCrypto::new(2)));
+    let mut peer = FakeCrypto::new(1);
+    let callee_key = engine.public_key().expect("encryption is on");
+    let _ = engine.handle_transport_open(now);
+    let info = r#"{"type": "connection_info", "public_base_url": "http://127.0.0.1:9527", "manager_id": "m", "workspace": "ws", "client_id": "callee", "user": {"id": "u"}}"#;
+    let _ = engine.handle_text(now, info);
+    let svc = ServiceSpec::new("svc").visibility(Visibility::Public).function("f", FunctionSpec::new("f"));
+    let locked = ServiceSpec::new("locked")
+        .visibility(Visibility::Public)
+        .trusted_keys([crate::crypto::to_hex(&[7u8; 32])])
+        .function("f", FunctionSpec::new("f"));
+    let _ = engine.register_service(now, svc);
+    let _ = engine.register_service(now, locked);
+    while engine.poll_transmit().is_some() {}
+    while engine.poll_event().is_some() {}
+
+    let mut rest = data;
+    let mut n = 0u32;
+    while rest.len() >= 4 {
+        let (mode, flip) = (rest[0] % 3, rest[1]);
+        let len = (usize::from(rest[2]) << 8 | usize::from(rest[3])).min(rest.len() - 4);
+        let body = &rest[4..4 + len];
+        rest = &rest[4 + len..];
+        n += 1;
+        let mut main = Map::new();
+        main.insert("type", "method");
+        main.insert("from", "ws/caller");
+        main.insert("to", "ws/callee");
+        main.insert("method", if n % 2 == 0 { "services.svc.f" } else { "services.locked.f" });
+        main.insert("session", alloc::format!("s{n}"));
+        let envelope = |pub_key: &[u8], nonce: &[u8], sealed: &[u8]| {
+            let mut enc = Map::new();
+            enc.insert("v", 2u64);
+            enc.insert("pub", Value::bin(Bytes::copy_from_slice(pub_key)));
+            enc.insert("nonce", Value::bin(Bytes::copy_from_slice(nonce)));
+            let mut extra = Map::new();
+            extra.insert("_enc", Value::Map(enc));
+            extra.insert("data", Value::bin(Bytes::copy_from_slice(sealed)));
+            extra
+        };
+        let extra = match mode {
+            0 | 1 => {
+                let (nonce, mut sealed) = peer.seal(&callee_key, body);
+                if mode == 1 {
+                    let i = usize::from(flip) % sealed.len();
+                    sealed[i] ^= 1 | (flip >> 1);
+                }
+                envelope(&peer.public_key(), &nonce, &sealed)
+            }
+            _ => {
+                let (k, r) = body.split_at(body.len().min(32));
+                let (nonce, sealed) = r.split_at(r.len().min(24));
+                envelope(k, nonce, sealed)
+            }
+        };
+        let frame = encode_frame(&Frame { main, extra: Some(extra) });
+        let r = engine.handle_binary(now, &frame);
+        while let Some(e) = engine.poll_event() {
+            if let Event::Invoke(inv) = e {
+                assert!(mode == 0, "a tampered or forged envelope reached user code");
+                assert!(
+                    inv.context.is_none()
+                        || inv.context.as_ref().is_some_and(|c| c.caller_public_key.is_some())
+                );
+                let _ = engine.reply(now, inv.id, Ok(Value::from("secret result")));
+            }
+        }
+        if mode != 0 {
+            assert!(r.is_err(), "mode {mode} frame was accepted");
+        }
+        while let Some(t) = engine.poll_transmit() {
+            if let Transmit::Binary(b) = t {
+                let f = decode_frame(&b, &Limits::default()).expect("our frames decode");
+                // Anything carrying a payload back to the encrypted caller is sealed.
+                if let Some(x) = &f.extra {
+                    assert!(x.contains_key("_enc"), "a reply to an encrypted call went out in clear: {x:?}");
+                }
+            }
+        }
+        if n % 5 == 0 {
+            now += Duration::from_secs(20);
+            engine.handle_timeout(now);
+            while engine.poll_transmit().is_some() {}
+        }
+    }
+}

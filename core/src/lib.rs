@@ -38,6 +38,7 @@ extern crate std;
 pub(crate) mod chunk;
 pub mod codec;
 pub mod connection;
+pub mod crypto;
 pub mod engine;
 pub mod error;
 pub mod event;

@@ -115,6 +115,9 @@ pub struct ServiceSpec {
     pub require_context: RequireContext,
     /// `config.authorized_workspaces`: other workspaces allowed to call a protected service.
     pub authorized_workspaces: Vec<String>,
+    /// `config.trusted_keys`: when set, only encrypted calls from these public keys (64 hex
+    /// characters) get in. An empty list is refused (Python reads it as "no restriction").
+    pub trusted_keys: Option<Vec<String>>,
     /// Other `config` keys, passed through to the manager.
     pub config: Map,
     /// The members, in order.
@@ -133,6 +136,7 @@ impl ServiceSpec {
             visibility: Visibility::default(),
             require_context: RequireContext::None,
             authorized_workspaces: Vec::new(),
+            trusted_keys: None,
             config: Map::new(),
             members: Vec::new(),
         }
@@ -155,6 +159,11 @@ impl ServiceSpec {
     /// Sets which functions get the context.
     pub fn require_context(mut self, r: RequireContext) -> Self {
         self.require_context = r;
+        self
+    }
+    /// Only encrypted calls from these public keys (64 hex characters each) get in.
+    pub fn trusted_keys<S: Into<String>>(mut self, keys: impl IntoIterator<Item = S>) -> Self {
+        self.trusted_keys = Some(keys.into_iter().map(Into::into).collect());
         self
     }
     /// Adds a function at a dotted path (`"greet"`, `"admin.reset"`), creating groups.
@@ -194,6 +203,18 @@ impl ServiceSpec {
 
     pub(crate) fn validate(&self) -> Result<(), EngineError> {
         check_name("service id", &self.id)?;
+        if let Some(keys) = &self.trusted_keys {
+            if keys.is_empty() {
+                return Err(EngineError::Encryption(
+                    "trusted_keys is empty: omit it to let every caller in, or list the allowed keys".into(),
+                ));
+            }
+            if let Some(bad) = keys.iter().find(|k| crate::crypto::key_from_hex(k).is_none()) {
+                return Err(EngineError::Encryption(alloc::format!(
+                    "trusted key {bad:?} is not 64 hex characters"
+                )));
+            }
+        }
         fn walk(members: &[(String, Member)]) -> Result<(), EngineError> {
             for (k, m) in members {
                 check_name("member name", k)?;
@@ -227,6 +248,10 @@ impl ServiceSpec {
         if !self.authorized_workspaces.is_empty() {
             let ws = self.authorized_workspaces.iter().map(|s| Value::from(s.as_str())).collect();
             c.insert("authorized_workspaces", Value::Array(ws));
+        }
+        if let Some(keys) = &self.trusted_keys {
+            let keys = keys.iter().map(|k| Value::from(k.to_ascii_lowercase())).collect();
+            c.insert("trusted_keys", Value::Array(keys));
         }
         if let Some(ws) = workspace {
             c.insert("workspace", ws);
@@ -381,6 +406,7 @@ pub(crate) fn builtin(workspace: &str, client_id: &str) -> ServiceSpec {
         visibility: Visibility::Public,
         require_context: RequireContext::All,
         authorized_workspaces: Vec::new(),
+        trusted_keys: None,
         config,
         members: Vec::new(),
     }

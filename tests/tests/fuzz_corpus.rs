@@ -9,6 +9,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("frame_decode", hypha_rpc_core::fuzzing::frame_decode),
     ("engine_frames", hypha_rpc_core::fuzzing::engine_frames),
     ("chunk_reassembly", hypha_rpc_core::fuzzing::chunk_reassembly),
+    ("e2e_envelope", hypha_rpc_core::fuzzing::e2e_envelope),
 ];
 
 #[test]

@@ -1073,8 +1073,10 @@ fn linear_time(
             after(h, d)?;
         }
         let ((l1, t1), (l4, t4)) = (times[0], times[1]);
+        // 4x the input: linear is ~4x the time, quadratic ~16x. The bound leaves room for a
+        // loaded machine (CI runs tests in parallel on 2 cores).
         ensure!(
-            t4 <= (t1 * 6).max(StdDuration::from_millis(20)),
+            t4 <= (t1 * 10).max(StdDuration::from_millis(50)),
             "superlinear: a {l1}-byte frame took {t1:?}, a {l4}-byte one {t4:?}"
         );
         Ok(())

@@ -34,6 +34,8 @@ pub(super) struct Active {
     pub(super) cancelled: bool,
     /// For a generator's `next`: its session and key, so the end frees it.
     pub(super) generator: Option<(String, String)>,
+    /// The caller's public key when the request came encrypted: the reply goes back sealed.
+    pub(super) reply_key: Option<[u8; crate::crypto::KEY_LEN]>,
 }
 
 /// The (target, method) of a reply slot, or `None` when the caller did not ask for it.
@@ -157,6 +159,10 @@ impl Engine {
             }
         }
         let mut extra_map = frame.extra.take().unwrap_or_default();
+        // An encrypted payload is opened first; everything below reads the plaintext. One that
+        // cannot be opened cannot be answered (its promise is inside): dropped, logged.
+        self.incoming_key = None;
+        self.incoming_key = self.open_extra(&mut extra_map, &format!("{from}:{}", clip(&method)))?;
         let extra = &extra_map;
 
         // Where replies go (PROTOCOL.md §5.2).
@@ -285,6 +291,30 @@ impl Engine {
                 }
             }
         };
+        // `trusted_keys` (after the visibility checks, as Python): only encrypted calls from
+        // listed keys.
+        let target = match target {
+            Ok(Some(InvokeTarget::Service { service, function })) => {
+                let keys =
+                    self.services.iter().find(|s| s.id == service).and_then(|s| s.trusted_keys.as_ref());
+                match (keys, self.incoming_key) {
+                    (Some(_), None) => Err(format!(
+                        "Encryption required for method {from}:{} (trusted_keys is set)",
+                        clip(&method)
+                    )),
+                    (Some(keys), Some(k))
+                        if !keys.iter().any(|t| crate::crypto::key_from_hex(t) == Some(k)) =>
+                    {
+                        Err(format!(
+                            "Caller's public key is not in the trusted keys list for {from}:{}",
+                            clip(&method)
+                        ))
+                    }
+                    _ => Ok(Some(InvokeTarget::Service { service, function })),
+                }
+            }
+            other => other,
+        };
         let target = match target {
             Ok(Some(t)) => t,
             Ok(None) => {
@@ -374,6 +404,7 @@ impl Engine {
                     session: session.clone(),
                     parent: parent.clone(),
                     connection_type: "websocket",
+                    caller_public_key: self.incoming_key.map(|k| crate::crypto::to_hex(&k)),
                 })
             }
             _ => None,
@@ -397,6 +428,7 @@ impl Engine {
                 beat_at,
                 cancelled: false,
                 generator: generator_key,
+                reply_key: self.incoming_key,
             },
         );
         self.events.push_back(Event::Invoke(Invocation {
@@ -607,6 +639,7 @@ impl Engine {
             return;
         }
         if let Some(p) = self.sessions.get_mut(key) {
+            p.heard = true;
             let old = p.deadline;
             p.deadline = now + p.timeout;
             let new = p.deadline;
@@ -630,7 +663,10 @@ impl Engine {
         };
         if let Some(addr) = slot_address(route, caller, session, slot) {
             let to = addr.0.clone();
-            let frame = self.fire_frame(addr, session, Some(value));
+            let mut frame = self.fire_frame(addr, session, Some(value));
+            if let Some(key) = self.incoming_key {
+                self.seal_frame(&mut frame, &key);
+            }
             // Queueing fails only when the backlog is full; the caller then times out.
             let _ = self.send_reply(now, to, session.map(String::from), encode_frame(&frame));
         }

@@ -71,6 +71,8 @@ impl Engine {
         let me = self.me.to_string();
         let target = if qualified { me.clone() } else { split_client(&me).1.to_string() };
         let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
+        // With encryption on, what we send carries our key so the holder calls it encrypted.
+        let enc_pub = self.public_key().map(|k| Bytes::copy_from_slice(&k));
         if let Some((fid, name)) = parse_local_function(v) {
             let key =
                 if name.is_empty() { self.rng.short_id() } else { format!("{}#{name}", self.rng.short_id()) };
@@ -82,6 +84,7 @@ impl Engine {
                 name: Some(if name.is_empty() { "callback".into() } else { name }),
                 doc: Some(Value::Nil),
                 layout: MethodLayout::Callback,
+                enc_pub,
                 ..Method::default()
             }
             .to_value();
@@ -95,6 +98,12 @@ impl Engine {
                 return;
             }
             let key = self.rng.short_id();
+            let mut other = Map::new();
+            if let Some(k) = enc_pub {
+                // Not in Python's layout (it sends generator items in clear); between our own
+                // peers the pulls, and so the items, travel encrypted. Python ignores the key.
+                other.insert("_renc_pub", Value::Bin(k));
+            }
             *v = Generator {
                 server: Some(server),
                 target: me,
@@ -102,7 +111,7 @@ impl Engine {
                 close_method: Some(format!("{session}.{key}:close")),
                 promise: Some(PromiseMode::Compact),
                 doc: Some("Remote generator".into()),
-                other: Map::new(),
+                other,
             }
             .to_value();
             out.generators.push((key, gid));
@@ -135,6 +144,7 @@ impl Engine {
         let sid = format!("_rintf_{}", self.rng.short_id());
         let server = self.info.as_ref().map(|i| i.public_base_url.clone()).unwrap_or_default();
         let me = self.me.to_string();
+        let enc_pub = self.public_key().map(|k| Bytes::copy_from_slice(&k));
         let descriptor = |name: &str, key: &str, is_async: bool| {
             Method {
                 target: me.clone(),
@@ -144,6 +154,7 @@ impl Engine {
                 name: Some(name.into()),
                 is_async: Some(is_async),
                 doc: Some(Value::Nil),
+                enc_pub: enc_pub.clone(),
                 ..Method::default()
             }
             .to_value()

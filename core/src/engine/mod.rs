@@ -37,6 +37,7 @@ use crate::chunk::Reassembly;
 use crate::codec::rtype::{Generator, Method, MethodLayout, PromiseMode, RTypeCodec, RemoteError};
 use crate::codec::{Frame, decode_frame, encode_frame};
 use crate::connection::{self, ConnectionInfo, Control};
+use crate::crypto::{Crypto, KEY_LEN, NONCE_LEN};
 use crate::error::{CallError, ConnectError, EngineError, InputError};
 use crate::event::{CallId, Context, Event, FnId, GenId, Invocation, InvokeId, InvokeTarget, Transmit};
 use crate::rng::Rng;
@@ -206,6 +207,19 @@ struct Pending {
     /// For a user's `register_service`: the service, so a registration cut off by a
     /// disconnection is redone (and settled) after the reconnection.
     registers: Option<String>,
+    /// The request went out encrypted.
+    encrypted: bool,
+    /// A heartbeat or chunk progress came back (the callee could read the request).
+    heard: bool,
+}
+
+/// The key pair and cipher of end-to-end encryption (see [`crate::crypto`]).
+struct CryptoSlot(Box<dyn Crypto>);
+
+impl core::fmt::Debug for CryptoSlot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Crypto(public {})", crate::crypto::to_hex(&self.0.public_key()))
+    }
 }
 
 /// The Hypha RPC protocol engine for one client. See the [module docs](self) for the drive loop.
@@ -240,6 +254,9 @@ pub struct Engine {
     next_upload: u64,
     exports: BTreeMap<String, Export>,
     interfaces: BTreeMap<String, Interface>,
+    crypto: Option<CryptoSlot>,
+    /// The caller's key of the incoming call being handled, when it came encrypted.
+    incoming_key: Option<[u8; KEY_LEN]>,
 }
 
 fn split_client(id: &str) -> (&str, &str) {
@@ -278,7 +295,75 @@ impl Engine {
             next_upload: 0,
             exports: BTreeMap::new(),
             interfaces: BTreeMap::new(),
+            crypto: None,
+            incoming_key: None,
         }
+    }
+
+    /// Turns end-to-end encryption on with this key pair (PROTOCOL.md §12): calls to functions
+    /// whose descriptor carries a public key (`_renc_pub`, set by
+    /// `get_service(id, encryption_public_key)` in the adapters) are encrypted, encrypted
+    /// calls to us are decrypted and answered encrypted, and the functions we send carry our
+    /// key. Without it, encrypted frames are refused.
+    pub fn set_crypto(&mut self, crypto: Box<dyn Crypto>) {
+        self.crypto = Some(CryptoSlot(crypto));
+    }
+
+    /// Our encryption public key, when encryption is on.
+    pub fn public_key(&self) -> Option<[u8; KEY_LEN]> {
+        self.crypto.as_ref().map(|c| c.0.public_key())
+    }
+
+    /// Replaces a frame's `extra` with the encrypted envelope for `to` (nothing to do for a
+    /// frame without `extra`, such as a heartbeat). `false` when encryption is off.
+    fn seal_frame(&mut self, frame: &mut Frame, to: &[u8; KEY_LEN]) -> bool {
+        let Some(c) = self.crypto.as_mut() else { return false };
+        let Some(extra) = frame.extra.take() else { return true };
+        let plaintext = crate::codec::to_vec(&Value::Map(extra));
+        let (nonce, data) = c.0.seal(to, &plaintext);
+        let mut enc = Map::with_capacity(3);
+        enc.push(Value::from_static("v"), 2u64);
+        enc.push(Value::from_static("pub"), Value::bin(Bytes::copy_from_slice(&c.0.public_key())));
+        enc.push(Value::from_static("nonce"), Value::bin(Bytes::copy_from_slice(&nonce)));
+        let mut envelope = Map::with_capacity(2);
+        envelope.push(Value::from_static("_enc"), Value::Map(enc));
+        envelope.push(Value::from_static("data"), Value::bin(data));
+        frame.extra = Some(envelope);
+        true
+    }
+
+    /// Opens an encrypted `extra` in place. `Ok(None)`: it was not encrypted; `Ok(Some(key))`:
+    /// it was, from `key`.
+    fn open_extra(&mut self, extra: &mut Map, what: &str) -> Result<Option<[u8; KEY_LEN]>, InputError> {
+        let Some(enc) = extra.get("_enc") else { return Ok(None) };
+        let fail = |why: &str| InputError::Encryption(format!("Decryption failed for method {what}: {why}"));
+        let enc = enc.as_map().ok_or_else(|| fail("`_enc` is not a map"))?;
+        if enc.get("v").and_then(Value::as_u64) != Some(2) {
+            return Err(fail("unsupported envelope version"));
+        }
+        let key: [u8; KEY_LEN] = enc
+            .get("pub")
+            .and_then(Value::as_bin)
+            .and_then(|b| b.as_ref().try_into().ok())
+            .ok_or_else(|| fail("`pub` is not 32 bytes"))?;
+        let nonce: [u8; NONCE_LEN] = enc
+            .get("nonce")
+            .and_then(Value::as_bin)
+            .and_then(|b| b.as_ref().try_into().ok())
+            .ok_or_else(|| fail("`nonce` is not 24 bytes"))?;
+        let data = extra.get("data").and_then(Value::as_bin).ok_or_else(|| fail("no `data`"))?;
+        let Some(c) = self.crypto.as_ref() else {
+            return Err(fail("encryption is off here"));
+        };
+        let plaintext = c.0.open(&key, &nonce, data).ok_or_else(|| fail("invalid key or tampered data"))?;
+        // The plaintext is as untrusted as any frame: the same bounded decoder.
+        let (inner, used) = crate::codec::decode_value_slice(&plaintext, &self.config.limits)
+            .map_err(|e| fail(&format!("bad plaintext: {e}")))?;
+        match inner {
+            Value::Map(m) if used == plaintext.len() => *extra = m,
+            _ => return Err(fail("the plaintext is not one map")),
+        }
+        Ok(Some(key))
     }
 
     // ---- accessors ---------------------------------------------------------------------------
@@ -559,8 +644,12 @@ impl Engine {
                 self.deadlines.pop_first();
                 continue;
             };
-            let err =
-                CallError::Timeout { target: p.target.clone(), method: p.method.clone(), after: p.timeout };
+            let (target, method, after) = (p.target.clone(), p.method.clone(), p.timeout);
+            let err = if p.encrypted && !p.heard {
+                CallError::NoReplyEncrypted { target, method, after }
+            } else {
+                CallError::Timeout { target, method, after }
+            };
             self.settle(now, s, Err(err));
         }
         self.reassembly.expire(now, &self.config.limits);
@@ -783,7 +872,11 @@ impl Engine {
         };
         if let Some(addr) = slot_address(&a.route, &a.caller, a.session.as_deref(), slot) {
             let to = addr.0.clone();
-            let frame = self.fire_frame(addr, a.session.as_deref(), Some(value));
+            let mut frame = self.fire_frame(addr, a.session.as_deref(), Some(value));
+            if let Some(key) = a.reply_key {
+                // An encrypted request is answered encrypted, whatever its promise form.
+                self.seal_frame(&mut frame, &key);
+            }
             if let Err(e) = self.send_reply(now, to, a.session, encode_frame(&frame)) {
                 // Nobody will ever hear of what the reply carried: free it.
                 if let Some(s) = export_session {
@@ -805,9 +898,16 @@ impl Engine {
             target: generator.target.clone(),
             method: generator.method.clone(),
             promise: Some(PromiseMode::Compact),
+            enc_pub: self.generator_key(generator),
             ..Method::default()
         };
         self.call(now, &next, Vec::new(), None, CallOptions::default())
+    }
+
+    /// The producer's key when it sent one (our own peers do) and encryption is on here.
+    fn generator_key(&self, generator: &Generator) -> Option<Bytes> {
+        self.crypto.as_ref()?;
+        generator.other.get("_renc_pub").and_then(Value::as_bin).filter(|k| k.len() == KEY_LEN).cloned()
     }
 
     /// Closes a remote generator early so its producer frees it.
@@ -817,6 +917,7 @@ impl Engine {
             target: generator.target.clone(),
             method,
             promise: Some(PromiseMode::Compact),
+            enc_pub: self.generator_key(generator),
             ..Method::default()
         };
         self.call(now, &close, Vec::new(), None, CallOptions::default())
@@ -1162,7 +1263,21 @@ impl Engine {
             }
             _ => {}
         }
-        let frame = Frame { main, extra: (!extra.is_empty()).then_some(extra) };
+        let mut frame = Frame { main, extra: (!extra.is_empty()).then_some(extra) };
+        let encrypted = match target.enc_pub.as_deref() {
+            Some(key) => {
+                let key: [u8; KEY_LEN] = key.try_into().map_err(|_| {
+                    EngineError::Encryption(format!("the public key of {to} is {} bytes, not 32", key.len()))
+                })?;
+                if !self.seal_frame(&mut frame, &key) {
+                    return Err(EngineError::Encryption(
+                        "the callee has an encryption key but encryption is off here".into(),
+                    ));
+                }
+                true
+            }
+            None => false,
+        };
         let bytes = encode_frame(&frame);
         // Registered before anything is sent, so a chunked upload's progress finds it; undone
         // below if the frame cannot be sent.
@@ -1180,6 +1295,8 @@ impl Engine {
                 callbacks: locals.functions,
                 generators: locals.generators,
                 registers: None,
+                encrypted,
+                heard: false,
             };
             self.sessions.insert(s.clone(), pending);
         }
