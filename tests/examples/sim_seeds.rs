@@ -44,10 +44,11 @@ fn parse() -> Result<Args, String> {
             "--steps" => args.opts.steps = Some(number(&mut it, "--steps")? as usize),
             "--determinism" => args.opts.check_determinism = true,
             "--known-bugs" => args.opts.known_bugs = true,
+            "--encryption" => args.opts.encryption = true,
             "--log" => args.log = true,
             "-h" | "--help" => {
                 return Err("usage: sim_seeds [--seed N | --seeds N [--from K] [--threads T]] [--steps S] \
-                            [--determinism] [--known-bugs] [--log]"
+                            [--determinism] [--known-bugs] [--encryption] [--log]"
                     .into());
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),

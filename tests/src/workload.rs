@@ -103,6 +103,10 @@ pub struct WorkloadOptions {
     /// over the limit), and values mixing an `_rintf` object with a generator sent by clients
     /// with tight limits (an interface left behind by a refused call or reply).
     pub known_bugs: bool,
+    /// End-to-end encryption on every engine (the deterministic `FakeCrypto`), and every
+    /// service fetched with its provider's key: every call, reply, callback and chunked
+    /// message of the workload travels sealed.
+    pub encryption: bool,
 }
 
 impl WorkloadOptions {
@@ -114,6 +118,9 @@ impl WorkloadOptions {
         }
         if self.known_bugs {
             f.push_str(" --known-bugs");
+        }
+        if self.encryption {
+            f.push_str(" --encryption");
         }
         f
     }
@@ -874,6 +881,7 @@ fn outcome(r: &Result<Value, CallError>) -> &'static str {
         Ok(_) => "ok",
         Err(CallError::Remote { .. }) => "remote error",
         Err(CallError::Timeout { .. }) => "timeout",
+        Err(CallError::NoReplyEncrypted { .. }) => "timeout (encrypted, nothing heard)",
         Err(CallError::PeerDisconnected { .. }) => "peer disconnected",
         Err(CallError::ServerRestarted { .. }) => "server restarted",
         Err(CallError::ConnectionLost { .. }) => "connection lost",
@@ -926,6 +934,7 @@ struct Run {
     rng: Rng,
     steps: usize,
     known_bugs: bool,
+    encryption: bool,
     fault_rate: u64,
     log: Log,
     clients: Vec<Client>,
@@ -953,6 +962,7 @@ impl Run {
             rng,
             steps,
             known_bugs: opts.known_bugs,
+            encryption: opts.encryption,
             fault_rate,
             log,
             clients: Vec::new(),
@@ -1065,6 +1075,10 @@ impl Run {
             }
             let c = sim.add_client(config);
             assert_eq!(c, client.id);
+            if self.encryption {
+                let fake = hypha_rpc_core::crypto::FakeCrypto::new(0xe2e0_0000 + i as u64);
+                sim.engine_mut(c).set_crypto(Box::new(fake));
+            }
             sim.connect(c);
             if token.is_none() {
                 let mut grant = Map::new();
@@ -1094,7 +1108,10 @@ impl Run {
                 if self.clients[p].provider {
                     let id = format!("{}:w", self.clients[p].name);
                     let call = sim.get_service(ClientId(caller), &id);
-                    let svc = sim.wait_ok(ClientId(caller), call);
+                    let mut svc = sim.wait_ok(ClientId(caller), call);
+                    if let Some(key) = sim.engine(ClientId(p)).public_key().filter(|_| self.encryption) {
+                        attach_key(&mut svc, &key);
+                    }
                     self.services.insert((caller, p), svc);
                 }
             }
@@ -2155,6 +2172,21 @@ impl Run {
             ));
         }
 
+        if self.encryption {
+            // Nothing the workload said to a service went over the wire readable: every call
+            // of the workload's service that carried a payload carried only the envelope.
+            for client in &self.clients {
+                for (_, f) in sim.frames(client.id, crate::sim::Dir::Up) {
+                    let to_service = f.main_str("method").is_some_and(|m| m.starts_with("services.w."));
+                    if let (true, Some(extra)) = (to_service, &f.extra) {
+                        if !extra.contains_key("_enc") || extra.contains_key("args") {
+                            return Err(format!("{}: a call went out in clear: {extra:?}", client.name));
+                        }
+                    }
+                }
+            }
+        }
+
         sim.finish();
         for client in &self.clients {
             let c = client.id;
@@ -2270,6 +2302,20 @@ impl Flow {
             Flow::Gen { c, g, .. } => run.leftover_gens.push((c, g)),
             Flow::Counter { c, obj, .. } => run.leftover_rintf.push((c, obj)),
             Flow::Adder { .. } => {}
+        }
+    }
+}
+
+/// Puts the provider's key on every function descriptor of a fetched service, as the async
+/// client's `get_encrypted_service` does.
+fn attach_key(v: &mut Value, key: &[u8; 32]) {
+    if let Value::Map(m) = v {
+        if m.get("_rtype").and_then(Value::as_str) == Some("method") {
+            m.insert("_renc_pub", Value::bin(Bytes::copy_from_slice(key)));
+            return;
+        }
+        for (_, x) in m.iter_mut() {
+            attach_key(x, key);
         }
     }
 }
