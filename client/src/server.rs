@@ -19,7 +19,9 @@ use crate::values::{Locals, RemoteFunction};
 
 /// A connection to a Hypha server. Cheap to clone; every clone is the same connection. It
 /// reconnects by itself after a drop (see [`Server::connection_states`]) until
-/// [`Server::disconnect`].
+/// [`Server::disconnect`]. Dropping the handles does not disconnect (the background task keeps
+/// serving the registered services, which often hold a handle themselves): call
+/// `disconnect()` to end it.
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<Inner>,
