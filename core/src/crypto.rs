@@ -22,11 +22,12 @@ pub trait Crypto: Send {
     /// Our public key.
     fn public_key(&self) -> [u8; KEY_LEN];
     /// Encrypts `plaintext` for `their_public`: a fresh nonce and the ciphertext (tag first, no
-    /// nonce prefix: PyNaCl's `Box.encrypt(...).ciphertext`).
-    fn seal(&mut self, their_public: &[u8; KEY_LEN], plaintext: &[u8]) -> ([u8; NONCE_LEN], Vec<u8>);
+    /// nonce prefix: PyNaCl's `Box.encrypt(...).ciphertext`). `None` for a key that must not be
+    /// used (libsodium's small-order keys, which anyone could open).
+    fn seal(&mut self, their_public: &[u8; KEY_LEN], plaintext: &[u8]) -> Option<([u8; NONCE_LEN], Vec<u8>)>;
     /// Decrypts and authenticates; `None` for a wrong key or tampered data.
     fn open(
-        &self,
+        &mut self,
         their_public: &[u8; KEY_LEN],
         nonce: &[u8; NONCE_LEN],
         ciphertext: &[u8],
@@ -47,29 +48,80 @@ pub trait Crypto: Send {
 /// # impl rand_core::CryptoRng for Counter {}
 /// // In real use the RNG is the OS's (the async client passes `OsRng`).
 /// let mut alice = NaclBox::from_secret([1; 32], Counter(0));
-/// let bob = NaclBox::from_secret([2; 32], Counter(100));
-/// let (nonce, sealed) = alice.seal(&bob.public_key(), b"hello");
+/// let mut bob = NaclBox::from_secret([2; 32], Counter(100));
+/// let (nonce, sealed) = alice.seal(&bob.public_key(), b"hello").unwrap();
 /// assert_eq!(sealed.len(), 5 + 16);
 /// assert_eq!(bob.open(&alice.public_key(), &nonce, &sealed).as_deref(), Some(&b"hello"[..]));
 /// ```
 pub struct NaclBox<R> {
     secret: SecretKey,
+    /// The secret key bytes, for libsodium's X25519 (clamped, not reduced) in the key check.
+    raw: [u8; KEY_LEN],
     public: [u8; KEY_LEN],
     rng: R,
+    /// Boxes of recent peers, most recent last: the X25519 exchange and the key check run once
+    /// per peer instead of once per message.
+    boxes: Vec<([u8; KEY_LEN], SalsaBox)>,
+}
+
+/// Peers whose precomputed box is kept.
+const BOX_CACHE: usize = 16;
+
+/// libsodium's blacklist of small-order Curve25519 points (`has_small_order`): a public key
+/// among them (ignoring the top bit) makes the shared secret known to everyone.
+const SMALL_ORDER: [[u8; KEY_LEN]; 7] = [
+    [0; 32],
+    {
+        let mut k = [0u8; 32];
+        k[0] = 1;
+        k
+    },
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a, 0xda,
+        0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef, 0x5b, 0x04,
+        0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f, 0x11, 0x57,
+    ],
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+    ],
+    [
+        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+    ],
+    [
+        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+    ],
+];
+
+/// `false` for a key libsodium refuses: a small-order point, or one whose shared secret with
+/// us is all zeros. Such a box could be opened (and forged) by anyone.
+fn acceptable(raw_secret: &[u8; KEY_LEN], their_public: &[u8; KEY_LEN]) -> bool {
+    let mut masked = *their_public;
+    masked[31] &= 0x7f;
+    if SMALL_ORDER.contains(&masked) {
+        return false;
+    }
+    let shared = curve25519_dalek::montgomery::MontgomeryPoint(*their_public).mul_clamped(*raw_secret);
+    shared.0 != [0u8; KEY_LEN]
 }
 
 impl<R: CryptoRngCore + Send> NaclBox<R> {
     /// A new random key pair.
     pub fn generate(mut rng: R) -> Self {
-        let secret = SecretKey::generate(&mut rng);
-        let public = secret.public_key().to_bytes();
-        NaclBox { secret, public, rng }
+        let mut raw = [0u8; KEY_LEN];
+        rng.fill_bytes(&mut raw);
+        Self::from_secret(raw, rng)
     }
     /// Our own key pair, from its secret key.
-    pub fn from_secret(secret: [u8; KEY_LEN], rng: R) -> Self {
-        let secret = SecretKey::from_bytes(secret);
+    pub fn from_secret(raw: [u8; KEY_LEN], rng: R) -> Self {
+        let secret = SecretKey::from_bytes(raw);
         let public = secret.public_key().to_bytes();
-        NaclBox { secret, public, rng }
+        NaclBox { secret, raw, public, rng, boxes: Vec::new() }
     }
     /// The secret key bytes (to store the identity).
     pub fn secret_key(&self) -> [u8; KEY_LEN] {
@@ -83,26 +135,45 @@ impl<R> fmt::Debug for NaclBox<R> {
     }
 }
 
+impl<R> NaclBox<R> {
+    /// The box for `their_public`, from the cache or made (`None` for a refused key).
+    fn boxed(&mut self, their_public: &[u8; KEY_LEN]) -> Option<&SalsaBox> {
+        if let Some(i) = self.boxes.iter().position(|(k, _)| k == their_public) {
+            let hit = self.boxes.remove(i);
+            self.boxes.push(hit);
+        } else {
+            if !acceptable(&self.raw, their_public) {
+                return None;
+            }
+            if self.boxes.len() >= BOX_CACHE {
+                self.boxes.remove(0);
+            }
+            let b = SalsaBox::new(&PublicKey::from_bytes(*their_public), &self.secret);
+            self.boxes.push((*their_public, b));
+        }
+        self.boxes.last().map(|(_, b)| b)
+    }
+}
+
 impl<R: CryptoRngCore + Send> Crypto for NaclBox<R> {
     fn public_key(&self) -> [u8; KEY_LEN] {
         self.public
     }
-    fn seal(&mut self, their_public: &[u8; KEY_LEN], plaintext: &[u8]) -> ([u8; NONCE_LEN], Vec<u8>) {
+    fn seal(&mut self, their_public: &[u8; KEY_LEN], plaintext: &[u8]) -> Option<([u8; NONCE_LEN], Vec<u8>)> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill_bytes(&mut nonce);
-        let b = SalsaBox::new(&PublicKey::from_bytes(*their_public), &self.secret);
+        let b = self.boxed(their_public)?;
         // Encryption fails only for inputs beyond the cipher's 256 GiB limit.
-        let sealed = b.encrypt(&nonce.into(), plaintext).unwrap_or_default();
-        (nonce, sealed)
+        let sealed = b.encrypt(&nonce.into(), plaintext).ok()?;
+        Some((nonce, sealed))
     }
     fn open(
-        &self,
+        &mut self,
         their_public: &[u8; KEY_LEN],
         nonce: &[u8; NONCE_LEN],
         ciphertext: &[u8],
     ) -> Option<Vec<u8>> {
-        let b = SalsaBox::new(&PublicKey::from_bytes(*their_public), &self.secret);
-        b.decrypt(nonce.into(), ciphertext).ok()
+        self.boxed(their_public)?.decrypt(nonce.into(), ciphertext).ok()
     }
 }
 
@@ -164,7 +235,7 @@ impl Crypto for FakeCrypto {
     fn public_key(&self) -> [u8; KEY_LEN] {
         self.public
     }
-    fn seal(&mut self, their_public: &[u8; KEY_LEN], plaintext: &[u8]) -> ([u8; NONCE_LEN], Vec<u8>) {
+    fn seal(&mut self, their_public: &[u8; KEY_LEN], plaintext: &[u8]) -> Option<([u8; NONCE_LEN], Vec<u8>)> {
         self.counter += 1;
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..8].copy_from_slice(&self.counter.to_le_bytes());
@@ -175,10 +246,10 @@ impl Crypto for FakeCrypto {
         let mut out = Vec::with_capacity(TAG_LEN + body.len());
         out.extend_from_slice(&Self::tag(key, &nonce, &body));
         out.extend_from_slice(&body);
-        (nonce, out)
+        Some((nonce, out))
     }
     fn open(
-        &self,
+        &mut self,
         their_public: &[u8; KEY_LEN],
         nonce: &[u8; NONCE_LEN],
         ciphertext: &[u8],
@@ -241,9 +312,9 @@ mod tests {
     #[test]
     fn fake_crypto_round_trips_and_detects_tampering_and_wrong_keys() {
         let mut a = FakeCrypto::new(1);
-        let b = FakeCrypto::new(2);
-        let c = FakeCrypto::new(3);
-        let (nonce, sealed) = a.seal(&b.public_key(), b"payload bytes");
+        let mut b = FakeCrypto::new(2);
+        let mut c = FakeCrypto::new(3);
+        let (nonce, sealed) = a.seal(&b.public_key(), b"payload bytes").unwrap();
         assert_eq!(sealed.len(), 13 + TAG_LEN);
         assert_ne!(&sealed[TAG_LEN..], b"payload bytes");
         assert_eq!(b.open(&a.public_key(), &nonce, &sealed).as_deref(), Some(&b"payload bytes"[..]));
@@ -253,7 +324,41 @@ mod tests {
             t[i] ^= 1;
             assert_eq!(b.open(&a.public_key(), &nonce, &t), None, "byte {i} flipped");
         }
-        let (n2, _) = a.seal(&b.public_key(), b"x");
+        let (n2, _) = a.seal(&b.public_key(), b"x").unwrap();
         assert_ne!(nonce, n2, "a fresh nonce per message");
+    }
+
+    #[test]
+    fn small_order_keys_are_refused_both_ways() {
+        struct Sevens;
+        impl rand_core::RngCore for Sevens {
+            fn next_u32(&mut self) -> u32 {
+                7
+            }
+            fn next_u64(&mut self) -> u64 {
+                7
+            }
+            fn fill_bytes(&mut self, d: &mut [u8]) {
+                d.fill(7)
+            }
+            fn try_fill_bytes(&mut self, d: &mut [u8]) -> Result<(), rand_core::Error> {
+                d.fill(7);
+                Ok(())
+            }
+        }
+        impl rand_core::CryptoRng for Sevens {}
+        let mut forger = NaclBox::from_secret([3; 32], Sevens);
+        let mut bob = NaclBox::from_secret([4; 32], Sevens);
+        for bad in SMALL_ORDER {
+            for top in [0u8, 0x80] {
+                let mut k = bad;
+                k[31] |= top;
+                assert!(forger.seal(&k, b"x").is_none(), "sealed for {}", to_hex(&k));
+                assert!(bob.open(&k, &[0; 24], &[0; 17]).is_none());
+            }
+        }
+        // An honest key still works.
+        let (n, c) = forger.seal(&bob.public_key(), b"ok").unwrap();
+        assert_eq!(bob.open(&forger.public_key(), &n, &c).as_deref(), Some(&b"ok"[..]));
     }
 }

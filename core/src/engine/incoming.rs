@@ -665,7 +665,9 @@ impl Engine {
             let to = addr.0.clone();
             let mut frame = self.fire_frame(addr, session, Some(value));
             if let Some(key) = self.incoming_key {
-                self.seal_frame(&mut frame, &key);
+                if self.seal_frame(&mut frame, &key).is_err() {
+                    return Ok(()); // never in clear
+                }
             }
             // Queueing fails only when the backlog is full; the caller then times out.
             let _ = self.send_reply(now, to, session.map(String::from), encode_frame(&frame));

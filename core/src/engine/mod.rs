@@ -315,12 +315,22 @@ impl Engine {
     }
 
     /// Replaces a frame's `extra` with the encrypted envelope for `to` (nothing to do for a
-    /// frame without `extra`, such as a heartbeat). `false` when encryption is off.
-    fn seal_frame(&mut self, frame: &mut Frame, to: &[u8; KEY_LEN]) -> bool {
-        let Some(c) = self.crypto.as_mut() else { return false };
-        let Some(extra) = frame.extra.take() else { return true };
+    /// frame without `extra`, such as a heartbeat). An error when encryption is off or the
+    /// key is one that must not be used; the frame must then not be sent.
+    fn seal_frame(&mut self, frame: &mut Frame, to: &[u8; KEY_LEN]) -> Result<(), EngineError> {
+        let Some(c) = self.crypto.as_mut() else {
+            return Err(EngineError::Encryption(
+                "the peer has an encryption key but encryption is off here".into(),
+            ));
+        };
+        let Some(extra) = frame.extra.take() else { return Ok(()) };
         let plaintext = crate::codec::to_vec(&Value::Map(extra));
-        let (nonce, data) = c.0.seal(to, &plaintext);
+        let Some((nonce, data)) = c.0.seal(to, &plaintext) else {
+            return Err(EngineError::Encryption(format!(
+                "refusing to encrypt for the small-order public key {} (anyone could read it)",
+                crate::crypto::to_hex(to)
+            )));
+        };
         let mut enc = Map::with_capacity(3);
         enc.push(Value::from_static("v"), 2u64);
         enc.push(Value::from_static("pub"), Value::bin(Bytes::copy_from_slice(&c.0.public_key())));
@@ -329,7 +339,7 @@ impl Engine {
         envelope.push(Value::from_static("_enc"), Value::Map(enc));
         envelope.push(Value::from_static("data"), Value::bin(data));
         frame.extra = Some(envelope);
-        true
+        Ok(())
     }
 
     /// Opens an encrypted `extra` in place. `Ok(None)`: it was not encrypted; `Ok(Some(key))`:
@@ -352,7 +362,7 @@ impl Engine {
             .and_then(|b| b.as_ref().try_into().ok())
             .ok_or_else(|| fail("`nonce` is not 24 bytes"))?;
         let data = extra.get("data").and_then(Value::as_bin).ok_or_else(|| fail("no `data`"))?;
-        let Some(c) = self.crypto.as_ref() else {
+        let Some(c) = self.crypto.as_mut() else {
             return Err(fail("encryption is off here"));
         };
         let plaintext = c.0.open(&key, &nonce, data).ok_or_else(|| fail("invalid key or tampered data"))?;
@@ -874,8 +884,9 @@ impl Engine {
             let to = addr.0.clone();
             let mut frame = self.fire_frame(addr, a.session.as_deref(), Some(value));
             if let Some(key) = a.reply_key {
-                // An encrypted request is answered encrypted, whatever its promise form.
-                self.seal_frame(&mut frame, &key);
+                // An encrypted request is answered encrypted, whatever its promise form (it was
+                // opened with this key, so sealing cannot fail).
+                self.seal_frame(&mut frame, &key)?;
             }
             if let Err(e) = self.send_reply(now, to, a.session, encode_frame(&frame)) {
                 // Nobody will ever hear of what the reply carried: free it.
@@ -1269,11 +1280,7 @@ impl Engine {
                 let key: [u8; KEY_LEN] = key.try_into().map_err(|_| {
                     EngineError::Encryption(format!("the public key of {to} is {} bytes, not 32", key.len()))
                 })?;
-                if !self.seal_frame(&mut frame, &key) {
-                    return Err(EngineError::Encryption(
-                        "the callee has an encryption key but encryption is off here".into(),
-                    ));
-                }
+                self.seal_frame(&mut frame, &key)?;
                 true
             }
             None => false,
