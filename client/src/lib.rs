@@ -36,6 +36,7 @@ pub mod config;
 mod driver;
 mod error;
 pub mod runtime;
+pub mod schema;
 mod server;
 mod service;
 mod values;

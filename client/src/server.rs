@@ -267,6 +267,11 @@ impl ServiceProxy {
         }
         Err(crate::service::unknown(&self.id, path))
     }
+    /// The `__schema__` of function `path` (`{name, description, parameters}`), when the
+    /// provider gave it one (Python `schema_function`, or [`Service::schema_function`]).
+    pub fn schema(&self, path: &str) -> Option<Value> {
+        self.function(path).ok().and_then(|f| f.method.schema)
+    }
     /// Calls function `path` with positional arguments (a tuple: `("Ada",)`, `(1, 2)`, or
     /// `()`), converting the result to `T`.
     pub async fn call<T: DeserializeOwned>(&self, path: &str, args: impl Serialize) -> Result<T> {

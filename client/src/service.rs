@@ -373,6 +373,58 @@ impl Service {
     {
         self.add(path, Arc::new(Raw(f)), None)
     }
+    /// Adds a function for LLM tool calling (Python's `schema_function`): its keyword
+    /// arguments are the fields of `A`, and its `__schema__` is generated from `A` with
+    /// `schemars` (the description from `A`'s doc comment, parameter descriptions from the
+    /// fields'). Python sees it as the proxy's `__schema__`; the server's MCP/LLM views read
+    /// it from the registration's `service_schema`.
+    ///
+    /// ```
+    /// use hypha_rpc::Service;
+    /// /// Add two numbers.
+    /// #[derive(schemars::JsonSchema, serde::Deserialize)]
+    /// struct Add {
+    ///     /// The first number.
+    ///     a: f64,
+    ///     /// The second number.
+    ///     b: f64,
+    /// }
+    /// let svc = Service::new("calc").schema_function("add", |x: Add| async move { Ok::<_, String>(x.a + x.b) });
+    /// # let _ = svc;
+    /// ```
+    pub fn schema_function<A, F, Fut, R, E>(self, path: &str, f: F) -> Self
+    where
+        A: schemars::JsonSchema + DeserializeOwned + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = core::result::Result<R, E>> + Send + 'static,
+        R: Serialize + 'static,
+        E: fmt::Display + 'static,
+    {
+        let name = path.rsplit('.').next().unwrap_or(path).to_string();
+        let schema = crate::schema::function_schema::<A>(&name, None);
+        let s = self.function(path, f);
+        match schema {
+            Ok(schema) => s.schema(schema),
+            Err(e) => {
+                tracing::warn!(path, error = %e, "no schema for this function");
+                s
+            }
+        }
+    }
+    /// Sets the `__schema__` (`{name, description, parameters}`) of the function added last.
+    pub fn schema(mut self, schema: Value) -> Self {
+        if let Some(path) = self.last.clone() {
+            let name = path.rsplit('.').next().unwrap_or(&path).to_string();
+            let doc =
+                schema.as_map().and_then(|m| m.get("description")).and_then(Value::as_str).map(String::from);
+            let mut f = FunctionSpec::new(name).schema(schema);
+            if let Some(d) = doc {
+                f = f.doc(d);
+            }
+            self.spec = self.spec.function(&path, f);
+        }
+        self
+    }
     /// Names the parameters of the function added last, so callers may pass them by keyword
     /// (Python `svc.add(40, b=2)`): keyword arguments fill the named positions after the
     /// positional ones, and an unknown keyword is an error, as in Python. Without names,

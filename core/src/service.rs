@@ -51,8 +51,10 @@ pub struct FunctionSpec {
     pub name: String,
     /// Its docstring (`_rdoc`).
     pub doc: Option<String>,
-    /// Its JSON schema for LLM function calling (`_rschema`, and `service_schema` at
-    /// registration).
+    /// Its schema for LLM function calling, as Python's `__schema__`: `{name, description,
+    /// parameters: <JSON schema object>}`. Sent as `_rschema` in its descriptor, and in the
+    /// registration's `service_schema` as `{type: "function", function: <schema, name = key>}`
+    /// (PROTOCOL.md §11).
     pub schema: Option<Value>,
 }
 
@@ -322,7 +324,16 @@ fn schema_tree(members: &[(String, Member)]) -> Value {
     let mut m = Map::new();
     for (k, member) in members {
         match member {
-            Member::Function(FunctionSpec { schema: Some(s), .. }) => m.push(k.as_str(), s.clone()),
+            Member::Function(FunctionSpec { schema: Some(s), .. }) => {
+                let mut function = s.clone();
+                if let Value::Map(f) = &mut function {
+                    f.insert("name", k.as_str());
+                }
+                let mut entry = Map::with_capacity(2);
+                entry.push("type", "function");
+                entry.push("function", function);
+                m.push(k.as_str(), entry);
+            }
             Member::Group(g) => {
                 let sub = schema_tree(g);
                 if sub.as_map().is_some_and(|s| !s.is_empty()) {
@@ -387,10 +398,7 @@ pub(crate) fn builtin(workspace: &str, client_id: &str) -> ServiceSpec {
         function.push("name", name);
         function.push("description", doc);
         function.push("parameters", params);
-        let mut schema = Map::new();
-        schema.push("type", "function");
-        schema.push("function", function);
-        FunctionSpec::new(name).doc(doc).schema(Value::Map(schema))
+        FunctionSpec::new(name).doc(doc).schema(Value::Map(function))
     };
     let key_hb = p(&[("key", "string"), ("heartbeat", "boolean")], &["key"]);
     let mut config = Map::new();
