@@ -46,6 +46,14 @@ pub enum Error {
         /// The path asked for.
         method: String,
     },
+    /// Nobody completed the login at `login_url` within `after` ([`login`](crate::login)).
+    #[error("login timed out after {after:?}: nobody logged in at {login_url}")]
+    LoginTimeout {
+        /// The login timeout.
+        after: core::time::Duration,
+        /// The page the user was asked to open.
+        login_url: String,
+    },
     /// The client was disconnected by [`Server::disconnect`](crate::Server::disconnect).
     #[error("the client is disconnected")]
     Closed,
@@ -54,7 +62,11 @@ pub enum Error {
 impl Error {
     /// `true` for a timeout of a call.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Call(CallError::Timeout { .. } | CallError::NoReplyEncrypted { .. }))
+        matches!(
+            self,
+            Error::Call(CallError::Timeout { .. } | CallError::NoReplyEncrypted { .. })
+                | Error::LoginTimeout { .. }
+        )
     }
     /// The remote error message when the remote function raised.
     pub fn remote_message(&self) -> Option<&str> {

@@ -29,13 +29,16 @@
 //! `()`); keyword arguments any map or struct. [`Value`] is the untyped form.
 //!
 //! Logging goes through `tracing`; errors are one [`Error`] enum.
-#![deny(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: `ndarray::cast_slice` (feature `ndarray`)
 #![warn(missing_docs)]
 
 pub mod codec;
 pub mod config;
 mod driver;
 mod error;
+pub mod login;
+#[cfg(feature = "ndarray")]
+pub mod ndarray;
 pub mod runtime;
 pub mod schema;
 mod server;
@@ -48,6 +51,7 @@ pub use driver::ConnectionState;
 pub use error::{Error, Result};
 pub use hypha_rpc_core::service::Visibility;
 pub use hypha_rpc_core::{CallError, ConnectError, ConnectionInfo, Context, EngineError, Limits, Map, Value};
+pub use login::{LoginConfig, LoginInfo, LoginProfile, login_profile_with_runtime, login_with_runtime};
 pub use serde_bytes;
 pub use server::{Server, ServiceProxy, connect_with_runtime};
 pub use service::{Call, ContextHandler, Handler, Service};

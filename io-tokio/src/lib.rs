@@ -71,3 +71,36 @@ impl Runtime for TokioRuntime {
 pub async fn connect_to_server(config: ServerConfig) -> Result<Server> {
     connect_with_runtime(Arc::new(TokioRuntime), config).await
 }
+
+/// Logs in through the server's login service and returns the token (Python `login`): hands
+/// the login URL to [`LoginConfig::callback`] (default: print it), then waits up to
+/// [`LoginConfig::timeout`] for the user to log in. See [`hypha_rpc::login`] for the flow
+/// and the errors. Call from inside a tokio runtime.
+///
+/// ```no_run
+/// # async fn demo() -> hypha_rpc_tokio::Result<()> {
+/// use hypha_rpc_tokio::{LoginConfig, ServerConfig, connect_to_server, login};
+/// let token = login(LoginConfig::new("http://127.0.0.1:9527").callback(|info| {
+///     println!("Please log in at {}", info.login_url);
+/// }))
+/// .await?;
+/// let server = connect_to_server(ServerConfig::new("http://127.0.0.1:9527").token(token)).await?;
+/// println!("logged in to {}", server.workspace());
+/// # Ok(()) }
+/// ```
+pub async fn login(config: LoginConfig) -> Result<String> {
+    login_with_runtime(Arc::new(TokioRuntime), config).await
+}
+
+/// Like [`login()`], but returns the whole [`LoginProfile`] (Python `login` with
+/// `profile: True`). Call from inside a tokio runtime.
+///
+/// ```no_run
+/// # async fn demo() -> hypha_rpc_tokio::Result<()> {
+/// let profile = hypha_rpc_tokio::login_profile(hypha_rpc_tokio::LoginConfig::new("http://127.0.0.1:9527")).await?;
+/// println!("{:?} <{:?}>", profile.name, profile.email);
+/// # Ok(()) }
+/// ```
+pub async fn login_profile(config: LoginConfig) -> Result<LoginProfile> {
+    login_profile_with_runtime(Arc::new(TokioRuntime), config).await
+}
