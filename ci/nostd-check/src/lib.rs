@@ -72,3 +72,52 @@ pub extern "C" fn hypha_nostd_roundtrip() -> usize {
         _ => 0,
     }
 }
+
+/// A minimal client on a device: an engine connects (handshake), registers a service, and
+/// answers one call to it. Returns the number of frames it sent (0 on failure). Used by
+/// `footprint.sh` to measure the code size of such a build.
+#[unsafe(no_mangle)]
+pub extern "C" fn hypha_nostd_engine() -> usize {
+    use hypha_rpc_core::service::{FunctionSpec, ServiceSpec, Visibility};
+    use hypha_rpc_core::time::Instant;
+    use hypha_rpc_core::{Engine, EngineConfig, Event, Transmit};
+
+    let now = Instant::from_micros(1);
+    let mut engine = Engine::new(EngineConfig::new("device"), now);
+    if engine.handle_transport_open(now).is_err() {
+        return 0;
+    }
+    let info = r#"{"type": "connection_info", "public_base_url": "http://127.0.0.1:9527", "manager_id": "m", "workspace": "ws", "client_id": "device"}"#;
+    if engine.handle_text(now, info).is_err() {
+        return 0;
+    }
+    let svc =
+        ServiceSpec::new("sensor").visibility(Visibility::Public).function("read", FunctionSpec::new("read"));
+    if engine.register_service(now, svc).is_err() {
+        return 0;
+    }
+    let mut main = Map::new();
+    main.insert("type", "method");
+    main.insert("from", "ws/caller");
+    main.insert("to", "ws/device");
+    main.insert("method", "services.sensor.read");
+    main.insert("session", "s1");
+    let mut extra = Map::new();
+    extra.insert("args", Value::Array(alloc::vec![1.into()]));
+    extra.insert("promise", "*");
+    extra.insert("t", 15.0);
+    let bytes = encode_frame(&Frame { main, extra: Some(extra) });
+    let _ = engine.handle_binary(now, &bytes);
+    while let Some(e) = engine.poll_event() {
+        if let Event::Invoke(inv) = e {
+            let _ = engine.reply(now, inv.id, Ok(Value::F64(21.5)));
+        }
+    }
+    let mut sent = 0;
+    while let Some(t) = engine.poll_transmit() {
+        if matches!(t, Transmit::Binary(_) | Transmit::Text(_)) {
+            sent += 1;
+        }
+    }
+    sent
+}
