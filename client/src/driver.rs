@@ -183,6 +183,9 @@ impl Inner {
         ec.method_timeout = config.method_timeout;
         ec.limits = config.limits.clone();
         ec.seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
+        // Handlers run as tasks, so a reply never comes within the same input: without a
+        // delay every call would cost a heartbeat frame.
+        ec.first_heartbeat_after = Duration::from_millis(200);
         let mut engine = Engine::new(ec, Instant::ZERO);
         if config.encryption {
             use hypha_rpc_core::crypto::NaclBox;

@@ -39,9 +39,34 @@ struct Figures {
     echo_median_s: f64,
     echo_p99_s: f64,
     seq_calls_per_s: f64,
+    cpu_per_call_s: f64,
     par16_calls_per_s: f64,
-    echo_50mb_s: f64,
+    /// (MB, seconds, peak RSS growth in KiB) per big echo.
+    big: Vec<(u32, f64, u64)>,
+    gen_items_per_s: f64,
+    gen_prefetch_items_per_s: f64,
     idle_rss_kib: u64,
+}
+
+/// CPU time (user + system) of this process so far, in seconds.
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15), in USER_HZ = 100
+}
+
+/// Resets this process's peak RSS (`/proc/self/clear_refs`), returns the current RSS.
+fn reset_peak() -> u64 {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    rss_kib(std::process::id()).unwrap_or(0)
+}
+
+fn peak_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or_default();
+    line.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0)
 }
 
 async fn rust_side(url: &str, seconds: f64) -> Figures {
@@ -63,7 +88,10 @@ async fn rust_side(url: &str, seconds: f64) -> Figures {
         .register_service(
             Service::new("bench")
                 .visibility(hypha_rpc_tokio::Visibility::Public)
-                .function("echo", |x: Value| async move { Ok::<_, String>(x) }),
+                .function("echo", |x: Value| async move { Ok::<_, String>(x) })
+                .function("count", |n: u32| async move {
+                    Ok::<_, String>(hypha_rpc_tokio::Generator::new(futures::stream::iter(0..n)))
+                }),
         )
         .await
         .expect("register");
@@ -77,12 +105,14 @@ async fn rust_side(url: &str, seconds: f64) -> Figures {
         let _: String = svc.call("echo", ("warm",)).await.unwrap();
     }
     let mut lat = Vec::new();
+    let cpu0 = cpu_s();
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     while Instant::now() < end {
         let t = Instant::now();
         let _: String = svc.call("echo", ("hello",)).await.unwrap();
         lat.push(t.elapsed().as_secs_f64());
     }
+    f.cpu_per_call_s = (cpu_s() - cpu0) / lat.len() as f64;
     lat.sort_by(f64::total_cmp);
     f.echo_median_s = lat[lat.len() / 2];
     f.echo_p99_s = lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)];
@@ -108,13 +138,28 @@ async fn rust_side(url: &str, seconds: f64) -> Figures {
     }
     f.par16_calls_per_s = done as f64 / t.elapsed().as_secs_f64();
 
-    let big: Vec<u8> =
-        (0..50 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    let big = ByteBuf::from(big);
-    let t = Instant::now();
-    let back: ByteBuf = svc.call("echo", (&big,)).await.expect("50 MB echo");
-    f.echo_50mb_s = t.elapsed().as_secs_f64();
-    assert!(back == big, "50 MB echo came back different");
+    // Generators: items/s through the server, one pull at a time and with 8 in flight.
+    for prefetch in [1usize, 8] {
+        let n = 2000u32;
+        let t = Instant::now();
+        let g: hypha_rpc_tokio::RemoteGenerator = svc.call("count", (n,)).await.expect("generator");
+        let got = futures::StreamExt::count(g.prefetch(prefetch)).await;
+        assert_eq!(got, n as usize);
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        if prefetch == 1 { f.gen_items_per_s = rate } else { f.gen_prefetch_items_per_s = rate }
+    }
+
+    for mb in [1u32, 10, 50] {
+        let big: Vec<u8> =
+            (0..mb * 1024 * 1024).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let big = ByteBuf::from(big);
+        let base = reset_peak();
+        let t = Instant::now();
+        let back: ByteBuf = svc.call("echo", (&big,)).await.expect("big echo");
+        let took = t.elapsed().as_secs_f64();
+        f.big.push((mb, took, peak_kib().saturating_sub(base)));
+        assert!(back == big, "{mb} MB echo came back different");
+    }
     caller.disconnect().await;
     owner.disconnect().await;
     f
@@ -131,13 +176,27 @@ fn python_side(hs: &HyphaServer, seconds: f64) -> Figures {
     let last = stdout.lines().rfind(|l| l.starts_with('{')).unwrap_or_default();
     let j: serde_json::Value = serde_json::from_str(last).expect("Python bench JSON");
     let g = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+    let big = j["big"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let mb = x[0].as_u64().unwrap_or(0) as u32;
+                    (mb, x[1].as_f64().unwrap_or(f64::NAN), x[2].as_u64().unwrap_or(0))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Figures {
         connect_s: g("connect_s"),
         echo_median_s: g("echo_median_s"),
         echo_p99_s: g("echo_p99_s"),
         seq_calls_per_s: g("seq_calls_per_s"),
+        cpu_per_call_s: g("cpu_per_call_s"),
         par16_calls_per_s: g("par16_calls_per_s"),
-        echo_50mb_s: g("echo_50mb_s"),
+        big,
+        gen_items_per_s: g("gen_items_per_s"),
+        gen_prefetch_items_per_s: f64::NAN,
         idle_rss_kib: 0,
     }
 }
@@ -145,7 +204,12 @@ fn python_side(hs: &HyphaServer, seconds: f64) -> Figures {
 fn main() {
     let seconds: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // BENCH_RUNTIME=current: a single-threaded tokio runtime (no cross-thread wake-ups).
+    let rt = if std::env::var("BENCH_RUNTIME").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    };
     let mut rust = rt.block_on(rust_side(hs.url(), seconds));
     let mut py = python_side(&hs, seconds);
 
@@ -172,11 +236,25 @@ fn main() {
     rate_row("calls/s sequential", rust.seq_calls_per_s, py.seq_calls_per_s);
     rate_row("calls/s, 16 in flight", rust.par16_calls_per_s, py.par16_calls_per_s);
     println!(
-        "| 50 MB echo | {:.3} s | {:.3} s | {:.1}× faster |",
-        rust.echo_50mb_s,
-        py.echo_50mb_s,
-        py.echo_50mb_s / rust.echo_50mb_s
+        "| client CPU per sequential echo (both clients) | {:.1} µs | {:.1} µs | {:.1}× less |",
+        rust.cpu_per_call_s * 1e6,
+        py.cpu_per_call_s * 1e6,
+        py.cpu_per_call_s / rust.cpu_per_call_s
     );
+    rate_row("generator items/s (one pull at a time)", rust.gen_items_per_s, py.gen_items_per_s);
+    println!(
+        "| generator items/s (Rust: prefetch 8) | {:.0} /s | (no prefetch in Python) | {:.2}× |",
+        rust.gen_prefetch_items_per_s,
+        rust.gen_prefetch_items_per_s / py.gen_items_per_s
+    );
+    for ((mb, rt, rr), (_, pt, pr)) in rust.big.iter().zip(&py.big) {
+        println!(
+            "| {mb} MB echo (peak RSS growth, both clients) | {rt:.3} s ({:.0} MiB) | {pt:.3} s ({:.0} MiB) | {:.1}× faster |",
+            *rr as f64 / 1024.0,
+            *pr as f64 / 1024.0,
+            pt / rt
+        );
+    }
     println!(
         "| idle RSS of a connected client | {:.1} MiB | {:.1} MiB | {:.1}× smaller |",
         rust.idle_rss_kib as f64 / 1024.0,

@@ -20,6 +20,25 @@ def echo(x):
     return x
 
 
+async def count(n):
+    for i in range(n):
+        yield i
+
+
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 async def main(url, seconds):
     out = {}
     conn = []
@@ -32,7 +51,9 @@ async def main(url, seconds):
 
     owner = await connect_to_server({"server_url": url, "method_timeout": 120})
     token = await owner.generate_token()
-    info = await owner.register_service({"id": "bench", "config": {"visibility": "public"}, "echo": echo})
+    info = await owner.register_service(
+        {"id": "bench", "config": {"visibility": "public"}, "echo": echo, "count": count}
+    )
     caller = await connect_to_server(
         {"server_url": url, "workspace": owner.config.workspace, "token": token, "method_timeout": 120}
     )
@@ -67,11 +88,27 @@ async def main(url, seconds):
     await asyncio.gather(*[worker() for _ in range(16)])
     out["par16_calls_per_s"] = done / (time.perf_counter() - t)
 
-    big = os.urandom(50 * 1024 * 1024)
+    n = 2000
     t = time.perf_counter()
-    back = await svc.echo(big)
-    out["echo_50mb_s"] = time.perf_counter() - t
-    assert back == big
+    got = 0
+    async for _ in await svc.count(n):
+        got += 1
+    assert got == n
+    out["gen_items_per_s"] = n / (time.perf_counter() - t)
+
+    out["big"] = []
+    for mb in [1, 10, 50]:
+        big = os.urandom(mb * 1024 * 1024)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = rss_kib()
+        t = time.perf_counter()
+        back = await svc.echo(big)
+        took = time.perf_counter() - t
+        assert back == big
+        out["big"].append([mb, took, max(0, peak_kib() - base)])
+        del back, big
+    out["echo_50mb_s"] = out["big"][-1][1]
     await caller.disconnect()
     await owner.disconnect()
     print(json.dumps(out), flush=True)

@@ -412,10 +412,10 @@ impl Engine {
         self.next_invoke += 1;
         let id = InvokeId(self.next_invoke);
         let wants_reply = !matches!(route, Route::None);
-        let beat_at = interval.map(|_| now);
+        let beat_at = interval.map(|_| now + self.config.first_heartbeat_after);
         if let Some(t) = beat_at {
-            // Due at once, sent only if the driver has not replied by its next timeout check:
-            // a handler that answers synchronously costs no heartbeat.
+            // Due at once (by default), sent only if the driver has not replied by its next
+            // timeout check: a handler that answers synchronously costs no heartbeat.
             self.beats.insert((t, id));
         }
         self.active.insert(

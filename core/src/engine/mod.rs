@@ -132,6 +132,11 @@ pub struct EngineConfig {
     pub transport_max_message: usize,
     /// Seeds session ids: same seed and inputs give the same bytes.
     pub seed: u64,
+    /// When the first heartbeat of an incoming call that asked for them goes out, unless it
+    /// was answered by then. Default zero: at the next timeout check, so a handler answered
+    /// synchronously costs none. A driver that always answers asynchronously sets a short
+    /// delay so fast calls send no heartbeat (one frame less per call for the server).
+    pub first_heartbeat_after: Duration,
 }
 
 impl EngineConfig {
@@ -151,6 +156,7 @@ impl EngineConfig {
             chunk_size: 262_144,
             transport_max_message: 16 * 1024 * 1024,
             seed: 0,
+            first_heartbeat_after: Duration::ZERO,
         }
     }
 }
