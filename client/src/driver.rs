@@ -144,9 +144,30 @@ pub(crate) fn backoff(attempt: u32, jitter: f64) -> Duration {
 const STABLE_AFTER: Duration = Duration::from_secs(2);
 
 enum Wake {
-    Message(Option<core::result::Result<Message, async_tungstenite::tungstenite::Error>>),
-    Notified,
-    Timer,
+    /// Messages, a poke or a timer: run the engine.
+    Input,
+    /// The socket ended (close frame, error or EOF), with the close code and reason.
+    Ended((Option<u16>, String)),
+}
+
+/// Messages taken from the socket in one go before the engine runs.
+const MAX_BATCH: usize = 64;
+
+/// Hands received messages to the engine (bad ones are dropped by it, and logged).
+fn feed(engine: &mut Engine, now: Instant, inbox: &mut Vec<Message>) {
+    for m in inbox.drain(..) {
+        match m {
+            Message::Text(t) => {
+                if let Err(e) = engine.handle_text(now, t.as_str()) {
+                    tracing::debug!(error = %e, "ignored a text frame");
+                }
+            }
+            Message::Binary(b) => {
+                let _ = engine.handle_binary(now, &b);
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Inner {
@@ -360,12 +381,15 @@ impl Inner {
             }
         }
         let mut out = Vec::new();
+        let mut inbox: Vec<Message> = Vec::new();
         let mut timer: Option<(Instant, BoxFuture<'static, ()>)> = None;
         loop {
+            // One lock for everything that arrived and everything it causes.
             let (deadline, close) = {
                 let mut s = self.lock();
+                let now = self.now();
+                feed(&mut s.engine, now, &mut inbox);
                 if s.closing {
-                    let now = self.now();
                     s.engine.close(now);
                 }
                 let r = self.pump(&mut s, &mut out);
@@ -396,53 +420,58 @@ impl Inner {
                 return;
             }
             self.arm(&mut timer, deadline);
+            // Wait for input; take every message that is already there (up to a batch), so a
+            // burst costs one lock, one engine drain and one flush.
             let wake = poll_fn(|cx| {
-                if let Poll::Ready(m) = socket.poll_next_unpin(cx) {
-                    return Poll::Ready(Wake::Message(m));
+                let mut ended = None;
+                while inbox.len() < MAX_BATCH {
+                    match socket.poll_next_unpin(cx) {
+                        Poll::Ready(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => inbox.push(m),
+                        Poll::Ready(Some(Ok(Message::Close(frame)))) => {
+                            ended = Some(match frame {
+                                Some(f) => (Some(u16::from(f.code)), f.reason.to_string()),
+                                None => (None, String::new()),
+                            });
+                            break;
+                        }
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(e))) => {
+                            ended = Some((None, e.to_string()));
+                            break;
+                        }
+                        Poll::Ready(None) => {
+                            ended = Some((None, "the connection was closed".into()));
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                if let Some(e) = ended {
+                    return Poll::Ready(Wake::Ended(e));
+                }
+                if !inbox.is_empty() {
+                    return Poll::Ready(Wake::Input);
                 }
                 if self.wake.poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Notified);
+                    return Poll::Ready(Wake::Input);
                 }
                 if let Some((_, t)) = timer.as_mut() {
                     if t.as_mut().poll(cx).is_ready() {
                         timer = None;
-                        return Poll::Ready(Wake::Timer);
+                        return Poll::Ready(Wake::Input);
                     }
                 }
                 Poll::Pending
             })
             .await;
-            match wake {
-                Wake::Message(Some(Ok(Message::Text(t)))) => {
-                    let mut s = self.lock();
+            if let Wake::Ended((code, reason)) = wake {
+                // Frames that came before the close still count.
+                if !inbox.is_empty() {
                     let now = self.now();
-                    if let Err(e) = s.engine.handle_text(now, t.as_str()) {
-                        tracing::debug!(error = %e, "ignored a text frame");
-                    }
+                    feed(&mut self.lock().engine, now, &mut inbox);
                 }
-                Wake::Message(Some(Ok(Message::Binary(b)))) => {
-                    let mut s = self.lock();
-                    let now = self.now();
-                    let _ = s.engine.handle_binary(now, &b);
-                }
-                Wake::Message(Some(Ok(Message::Close(frame)))) => {
-                    let (code, reason) = match frame {
-                        Some(f) => (Some(u16::from(f.code)), f.reason.to_string()),
-                        None => (None, String::new()),
-                    };
-                    self.closed(code, &reason);
-                    return;
-                }
-                Wake::Message(Some(Ok(_))) => {}
-                Wake::Message(Some(Err(e))) => {
-                    self.closed(None, &e.to_string());
-                    return;
-                }
-                Wake::Message(None) => {
-                    self.closed(None, "the connection was closed");
-                    return;
-                }
-                Wake::Notified | Wake::Timer => {}
+                self.closed(code, &reason);
+                return;
             }
         }
     }
