@@ -3,6 +3,7 @@ pub mod drive;
 pub mod hostile;
 pub mod hub;
 pub mod payloads;
+pub mod pypeer;
 pub mod server;
 pub mod sim;
 pub mod transcripts;

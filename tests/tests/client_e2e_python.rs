@@ -16,23 +16,19 @@
 //! clear: Python's generator descriptor carries no `_renc_pub`, so `next` calls and their
 //! results are not encrypted); a wrong key fails with `CallError::NoReplyEncrypted`.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use futures::channel::{mpsc, oneshot};
-use futures::future::{BoxFuture, Either};
+use futures::future::BoxFuture;
 use hypha_rpc::runtime::Runtime;
 use hypha_rpc::serde_bytes::ByteBuf;
 use hypha_rpc::{
     CallError, Callback, Context, Error, RemoteFunction, RemoteGenerator, Server, ServerConfig, Service,
     Value, Visibility,
 };
+use hypha_rpc_tests::pypeer::PyPeer;
 use hypha_rpc_tests::server::HyphaServer;
 use serde_json::{Value as Json, json};
 use sha2::Digest;
@@ -68,124 +64,14 @@ fn sha256_hex(b: &[u8]) -> String {
 
 // ---- the Python peer process ------------------------------------------------------------------
 
-/// `tests/py/e2e_peer.py`, spoken to in JSON lines: requests carry an `id`, answers the same
-/// `id`; lines with `event` are out of band.
-struct PyPeer {
-    child: Child,
-    stdin: Mutex<Option<ChildStdin>>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Json>>>>,
-    events: futures::lock::Mutex<mpsc::UnboundedReceiver<Json>>,
-    next_id: AtomicU64,
-    stderr: Arc<Mutex<VecDeque<String>>>,
-    rt: Arc<dyn Runtime>,
+/// The e2e peer's commands (tests/py/e2e_peer.py), on the shared Python peer driver.
+trait E2ePeer {
+    async fn get(&self, alias: &str, service: &str, key: Option<&str>, short: bool);
+    async fn call(&self, alias: &str, method: &str, args: Json) -> Result<Json, (String, String)>;
+    async fn leave(&mut self);
 }
 
-impl PyPeer {
-    fn start(hs: &HyphaServer, rt: Arc<dyn Runtime>, workspace: &str, token: &str) -> PyPeer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/e2e_peer.py");
-        let mut child = Command::new(hs.python())
-            .arg(&script)
-            .args([hs.url(), workspace, token])
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the Python peer");
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Json>>>> = Arc::default();
-        let (ev_tx, ev_rx) = mpsc::unbounded();
-        let stdout = child.stdout.take().unwrap();
-        let p = pending.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let Ok(v) = serde_json::from_str::<Json>(&line) else {
-                    eprintln!("[py stdout] {line}");
-                    continue;
-                };
-                if let Some(id) = v.get("id").and_then(Json::as_u64) {
-                    if let Some(tx) = p.lock().unwrap().remove(&id) {
-                        let _ = tx.send(v);
-                    }
-                } else {
-                    let _ = ev_tx.unbounded_send(v);
-                }
-            }
-            p.lock().unwrap().clear();
-        });
-        let stderr: Arc<Mutex<VecDeque<String>>> = Arc::default();
-        let err_pipe = child.stderr.take().unwrap();
-        let e = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-                let mut q = e.lock().unwrap();
-                q.push_back(line);
-                if q.len() > 300 {
-                    q.pop_front();
-                }
-            }
-        });
-        let stdin = Mutex::new(child.stdin.take());
-        PyPeer {
-            child,
-            stdin,
-            pending,
-            events: futures::lock::Mutex::new(ev_rx),
-            next_id: AtomicU64::new(1),
-            stderr,
-            rt,
-        }
-    }
-
-    fn stderr_tail(&self) -> String {
-        let q = self.stderr.lock().unwrap();
-        let lines: Vec<&str> = q.iter().map(String::as_str).collect();
-        format!("---- Python peer stderr (last {} lines) ----\n{}", lines.len(), lines.join("\n"))
-    }
-
-    /// Sends a command and waits for its answer.
-    async fn request(&self, mut cmd: Json, timeout: Duration) -> Json {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        cmd["id"] = id.into();
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
-        {
-            let mut stdin = self.stdin.lock().unwrap();
-            let pipe = stdin.as_mut().expect("stdin open");
-            writeln!(pipe, "{cmd}").and_then(|_| pipe.flush()).expect("write to the Python peer");
-        }
-        match within(&*self.rt, timeout, rx).await {
-            Some(Ok(v)) => {
-                assert!(
-                    v.get("exception").is_none(),
-                    "Python command {cmd} raised: {v}\n{}",
-                    self.stderr_tail()
-                );
-                v
-            }
-            Some(Err(_)) => panic!("the Python peer exited during {cmd}\n{}", self.stderr_tail()),
-            None => panic!("no answer to {cmd} within {timeout:?}\n{}", self.stderr_tail()),
-        }
-    }
-
-    /// Waits for the out-of-band line `{"event": name, ...}`.
-    async fn event(&self, name: &str, timeout: Duration) -> Json {
-        let mut events = self.events.lock().await;
-        let wait = async {
-            while let Some(v) = events.next().await {
-                if v["event"] == name {
-                    return Some(v);
-                }
-            }
-            None
-        };
-        match within(&*self.rt, timeout, wait).await {
-            Some(Some(v)) => v,
-            Some(None) => panic!("the Python peer exited before event {name}\n{}", self.stderr_tail()),
-            None => panic!("no event {name} within {timeout:?}\n{}", self.stderr_tail()),
-        }
-    }
-
+impl E2ePeer for PyPeer {
     /// `get_service` on the Python side, kept as `alias`.
     async fn get(&self, alias: &str, service: &str, key: Option<&str>, short: bool) {
         let cmd = json!({"cmd": "get", "alias": alias, "service": service, "key": key, "short": short});
@@ -206,29 +92,7 @@ impl PyPeer {
 
     async fn leave(&mut self) {
         self.request(json!({"cmd": "leave"}), Duration::from_secs(30)).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "the Python peer did not exit\n{}", self.stderr_tail());
-            self.rt.sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for PyPeer {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.stderr_tail());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `fut`'s output, or `None` after `timeout`.
-async fn within<F: std::future::Future>(rt: &dyn Runtime, timeout: Duration, fut: F) -> Option<F::Output> {
-    match futures::future::select(std::pin::pin!(fut), rt.sleep(timeout)).await {
-        Either::Left((v, _)) => Some(v),
-        Either::Right(_) => None,
+        self.wait_exit(Duration::from_secs(10)).await;
     }
 }
 
@@ -280,7 +144,7 @@ async fn scenario(name: &str, rt: Arc<dyn Runtime>, connect: Connect) {
     let ws = rs.workspace().to_string();
     let token = rs.generate_token(None).await.expect("generate_token");
 
-    let mut py = PyPeer::start(&hs, rt.clone(), &ws, &token);
+    let mut py = PyPeer::start(&hs, rt.clone(), "e2e_peer.py", &[&ws, &token]);
     let ready = py.event("ready", Duration::from_secs(60)).await;
     assert_eq!(ready["workspace"], ws);
     let py_key = ready["public_key"].as_str().expect("Python's get_public_key()").to_string();

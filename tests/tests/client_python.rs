@@ -16,23 +16,21 @@
 //! The scenario is written once against `hypha_rpc::Server` and run by `python_interop_tokio`
 //! and `python_interop_smol`; each starts its own Hypha server and Python peer.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use futures::channel::{mpsc, oneshot};
-use futures::future::{BoxFuture, Either};
+use futures::channel::mpsc;
+use futures::future::BoxFuture;
 use hypha_rpc::runtime::Runtime;
 use hypha_rpc::serde_bytes::ByteBuf;
 use hypha_rpc::{
     Call, CallError, Callback, Context, Error, Generator, Interface, RemoteFunction, RemoteGenerator,
     RemoteInterface, Server, ServerConfig, Service, Value, Visibility,
 };
+use hypha_rpc_tests::pypeer::{PyPeer, within};
 use hypha_rpc_tests::server::HyphaServer;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
@@ -251,157 +249,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-// ---- the Python peer process ------------------------------------------------------------------
-
-/// `tests/py/client_peer.py`, spoken to in JSON lines: requests carry an `id`, answers the
-/// same `id`; lines with `event` are out of band.
-struct PyPeer {
-    child: Child,
-    stdin: Mutex<Option<ChildStdin>>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Json>>>>,
-    events: futures::lock::Mutex<mpsc::UnboundedReceiver<Json>>,
-    next_id: AtomicU64,
-    stderr: Arc<Mutex<VecDeque<String>>>,
-    rt: Arc<dyn Runtime>,
-}
-
-impl PyPeer {
-    fn start(hs: &HyphaServer, rt: Arc<dyn Runtime>, workspace: &str, token: &str) -> PyPeer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/client_peer.py");
-        let mut child = Command::new(hs.python())
-            .arg(&script)
-            .args([hs.url(), workspace, token])
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the Python peer");
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Json>>>> = Arc::default();
-        let (ev_tx, ev_rx) = mpsc::unbounded();
-        let stdout = child.stdout.take().unwrap();
-        let p = pending.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let Ok(v) = serde_json::from_str::<Json>(&line) else {
-                    eprintln!("[py stdout] {line}");
-                    continue;
-                };
-                if let Some(id) = v.get("id").and_then(Json::as_u64) {
-                    if let Some(tx) = p.lock().unwrap().remove(&id) {
-                        let _ = tx.send(v);
-                    }
-                } else {
-                    let _ = ev_tx.unbounded_send(v);
-                }
-            }
-            // EOF: the peer exited; waiting requests fail.
-            p.lock().unwrap().clear();
-        });
-        let stderr: Arc<Mutex<VecDeque<String>>> = Arc::default();
-        let err_pipe = child.stderr.take().unwrap();
-        let e = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-                let mut q = e.lock().unwrap();
-                q.push_back(line);
-                if q.len() > 300 {
-                    q.pop_front();
-                }
-            }
-        });
-        let stdin = Mutex::new(child.stdin.take());
-        PyPeer {
-            child,
-            stdin,
-            pending,
-            events: futures::lock::Mutex::new(ev_rx),
-            next_id: AtomicU64::new(1),
-            stderr,
-            rt,
-        }
-    }
-
-    fn stderr_tail(&self) -> String {
-        let q = self.stderr.lock().unwrap();
-        let lines: Vec<&str> = q.iter().map(String::as_str).collect();
-        format!("---- Python peer stderr (last {} lines) ----\n{}", lines.len(), lines.join("\n"))
-    }
-
-    /// Sends a command and waits for its answer.
-    async fn request(&self, mut cmd: Json, timeout: Duration) -> Json {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        cmd["id"] = id.into();
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
-        {
-            let mut stdin = self.stdin.lock().unwrap();
-            let pipe = stdin.as_mut().expect("stdin open");
-            writeln!(pipe, "{cmd}").and_then(|_| pipe.flush()).expect("write to the Python peer");
-        }
-        match within(&*self.rt, timeout, rx).await {
-            Some(Ok(v)) => {
-                assert!(
-                    v.get("exception").is_none(),
-                    "Python command {cmd} raised: {v}\n{}",
-                    self.stderr_tail()
-                );
-                v
-            }
-            Some(Err(_)) => panic!("the Python peer exited during {cmd}\n{}", self.stderr_tail()),
-            None => panic!("no answer to {cmd} within {timeout:?}\n{}", self.stderr_tail()),
-        }
-    }
-
-    /// Waits for the out-of-band line `{"event": name, ...}`, skipping others.
-    async fn event(&self, name: &str, timeout: Duration) -> Json {
-        let mut events = self.events.lock().await;
-        let wait = async {
-            while let Some(v) = events.next().await {
-                if v["event"] == name {
-                    return Some(v);
-                }
-            }
-            None
-        };
-        match within(&*self.rt, timeout, wait).await {
-            Some(Some(v)) => v,
-            Some(None) => panic!("the Python peer exited before event {name}\n{}", self.stderr_tail()),
-            None => panic!("no event {name} within {timeout:?}\n{}", self.stderr_tail()),
-        }
-    }
-
-    /// Waits (polling, without blocking the executor) for the process to exit.
-    async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the Python peer did not exit\n{}", self.stderr_tail());
-            self.rt.sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for PyPeer {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.stderr_tail());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `fut`'s output, or `None` after `timeout`.
-async fn within<F: std::future::Future>(rt: &dyn Runtime, timeout: Duration, fut: F) -> Option<F::Output> {
-    match futures::future::select(std::pin::pin!(fut), rt.sleep(timeout)).await {
-        Either::Left((v, _)) => Some(v),
-        Either::Right(_) => None,
-    }
-}
+// The Python peer process (`tests/py/client_peer.py`) is driven by
+// `hypha_rpc_tests::pypeer::PyPeer`: JSON lines, requests with an `id`, events without.
 
 // ---- the Rust services --------------------------------------------------------------------------
 
@@ -600,7 +449,7 @@ async fn interop(name: &str, rt: Arc<dyn Runtime>, connect: Connect) {
         rs.register_service(rust_service(rt.clone(), obs.clone(), me)).await.expect("register rust-svc");
     assert_eq!(rust_svc, format!("{ws}/rs-main:rust-svc"));
 
-    let mut py = PyPeer::start(&hs, rt.clone(), &ws, &token);
+    let mut py = PyPeer::start(&hs, rt.clone(), "client_peer.py", &[&ws, &token]);
     let ready = py.event("ready", Duration::from_secs(60)).await;
     assert_eq!(ready["workspace"], ws);
     println!("[{name}] server, clients and Python peer up after {:?}", started.elapsed());
@@ -830,7 +679,7 @@ async fn python_calls_departed_rust(
     // In flight: Python waits on `slow(30)` when we leave.
     let call = py.request(json!({"cmd": "call", "method": "slow", "args": [30]}), Duration::from_secs(40));
     let leave = async {
-        within(&*py.rt, Duration::from_secs(20), started_rx.next())
+        within(py.runtime(), Duration::from_secs(20), started_rx.next())
             .await
             .expect("Python's call reached Rust");
         gone.disconnect().await;
