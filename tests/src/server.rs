@@ -286,3 +286,21 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     parts.next().filter(|p| p.starts_with("HTTP/"))?;
     parts.next()?.parse().ok()
 }
+
+/// Installs `tests/js/node_modules` (`npm ci` from the lockfile, via `scripts/js-deps.sh`),
+/// panicking with the script's output when node or npm is missing or the install fails.
+pub fn install_js_deps(root: &Path) {
+    let out = Command::new("bash")
+        .arg(root.join("scripts").join("js-deps.sh"))
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/js-deps.sh: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/js-deps.sh failed ({}): node and npm are required for this test\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

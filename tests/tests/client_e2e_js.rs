@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
-use hypha_rpc_tests::server::{HyphaServer, workspace_root};
+use hypha_rpc_tests::server::{HyphaServer, install_js_deps, workspace_root};
 use hypha_rpc_tokio::serde_bytes::ByteBuf;
 use hypha_rpc_tokio::{
     Call, CallError, Callback, Context, Error, Map, RemoteFunction, Server, ServerConfig, Service, Value,
@@ -51,23 +51,6 @@ const BYO_PUBLIC: &str = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a9
 type Seen = Arc<Mutex<Vec<(String, String, Option<String>)>>>;
 /// What `ready` hands the test: the JS key and the ids of the JS services.
 type Ready = Arc<Mutex<Option<oneshot::Sender<(String, Vec<String>)>>>>;
-
-/// Installs tests/js/node_modules (npm ci from the lockfile), failing loudly without node/npm.
-fn install_js_deps(root: &std::path::Path) {
-    let out = Command::new("bash")
-        .arg(root.join("scripts").join("js-deps.sh"))
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run scripts/js-deps.sh: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/js-deps.sh failed ({}): node and npm are required for this test\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Kills node when dropped: when the test panics, its runtime drops the task running node.
 struct KillOnDrop(Child);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hypha_rpc_core::codec::rtype::{MemoryView, NdArray, RType, RTypeCodec, TypedArray};
 use hypha_rpc_core::codec::{DType, Scalar};
-use hypha_rpc_tests::server::{HyphaServer, workspace_root};
+use hypha_rpc_tests::server::{HyphaServer, install_js_deps, workspace_root};
 use hypha_rpc_tokio::serde_bytes::ByteBuf;
 use hypha_rpc_tokio::{Call, Map, ServerConfig, Service, Value, Visibility, connect_to_server};
 use serde_json::json;
@@ -37,23 +37,6 @@ struct Seen {
     described: Vec<(Vec<Value>, Option<Map>)>,
     /// `inspect` calls: the label and the raw first argument, in call order.
     inspected: Vec<(String, Value)>,
-}
-
-/// Installs tests/js/node_modules (npm ci from the lockfile), failing loudly without node/npm.
-fn install_js_deps(root: &Path) {
-    let out = Command::new("bash")
-        .arg(root.join("scripts").join("js-deps.sh"))
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run scripts/js-deps.sh: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/js-deps.sh failed ({}): node and npm are required for this test\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Runs `node <args>` in `dir` without blocking the runtime (our service must keep serving),
