@@ -60,7 +60,11 @@ pub(crate) async fn connect(
         tcp
     };
     let max = limits.max_frame_bytes;
-    let config = WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max));
+    // Small read buffer: an idle client holds little; large messages grow it as needed.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
     let (socket, _) = async_tungstenite::client_async_with_config(endpoint.url(), io, Some(config))
         .await
         .map_err(|e| Error::Transport(format!("websocket handshake with {}: {e}", endpoint.url())))?;
