@@ -84,7 +84,17 @@ pub(super) fn remote_error(v: Option<&Value>) -> CallError {
                 _ => CallError::Remote { message: e.message, trace: e.trace },
             }
         }
-        _ => CallError::Remote { message: v.map(|v| format!("{v:?}")).unwrap_or_default(), trace: None },
+        // Anything else a peer rejected with: its text, or the kind of value it sent (no Debug
+        // formatting of untrusted values: unbounded output, and float formatting code on
+        // small devices).
+        _ => {
+            let message = match v {
+                Some(Value::Str(s)) => s.as_str().to_string(),
+                Some(other) => format!("rejected with a {} value", other.kind()),
+                None => String::new(),
+            };
+            CallError::Remote { message, trace: None }
+        }
     }
 }
 
