@@ -1,8 +1,10 @@
-//! The async client against the Python client, same server, same run: connect-to-ready, idle
-//! RSS, small echo latency, calls/s sequential and with 16 in flight, 50 MB echo. Each side
-//! calls an `echo` service registered by a second client of its own kind, so the server's
-//! share is the same on both sides; the ratio column is Python ÷ Rust (higher is better for
-//! us) for times and Rust ÷ Python for rates.
+//! The async client against the Python client and the JavaScript client (npm `hypha-rpc`
+//! under node), same server, same run: connect-to-ready, idle RSS, small echo latency, calls/s
+//! sequential and with 16 in flight, generator items/s, 1/10/50 MB echoes. Each side calls an
+//! `echo` service registered by a second client of its own kind, so the server's share is the
+//! same on all sides; the ratio columns are other ÷ Rust (higher is better for us) for times
+//! and Rust ÷ other for rates. The JS column needs node and npm (`scripts/js-deps.sh`); without
+//! them it reads "n/a".
 //!
 //! `cargo run --release -p hypha-rpc-tests --example client_bench [-- SECONDS]`
 
@@ -172,9 +174,46 @@ fn python_side(hs: &HyphaServer, seconds: f64) -> Figures {
         .output()
         .expect("run the Python bench");
     assert!(out.status.success(), "Python bench failed: {}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().rfind(|l| l.starts_with('{')).unwrap_or_default();
-    let j: serde_json::Value = serde_json::from_str(last).expect("Python bench JSON");
+    parse_figures(&String::from_utf8_lossy(&out.stdout)).expect("Python bench JSON")
+}
+
+/// The JS column: installs the npm client (`scripts/js-deps.sh`) and runs
+/// tests/js/client_bench.mjs under node. `Err` (the column reads "n/a") when node or npm is
+/// missing, the install fails, or the script fails.
+fn js_side(hs: &HyphaServer, seconds: f64) -> Result<Figures, String> {
+    let root = hypha_rpc_tests::server::workspace_root()?;
+    // Not `server::install_js_deps`: that one panics, and a missing node is no failure here.
+    let deps = Command::new("bash")
+        .arg(root.join("scripts").join("js-deps.sh"))
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run scripts/js-deps.sh: {e}"))?;
+    if !deps.status.success() {
+        return Err(format!(
+            "scripts/js-deps.sh failed ({}): {}",
+            deps.status,
+            String::from_utf8_lossy(&deps.stderr).trim()
+        ));
+    }
+    // --expose-gc: the script runs a full GC before each big echo (as Python frees at `del`).
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/js/client_bench.mjs");
+    let out = Command::new("node")
+        .args(["--expose-gc", script, hs.url(), &seconds.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run node: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("JS bench failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    parse_figures(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| "no JSON line from the JS bench".into())
+}
+
+/// The figures of the last JSON line of a Python or JS bench script's stdout.
+fn parse_figures(stdout: &str) -> Option<Figures> {
+    let last = stdout.lines().rfind(|l| l.starts_with('{'))?;
+    let j: serde_json::Value = serde_json::from_str(last).ok()?;
     let g = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
     let big = j["big"]
         .as_array()
@@ -187,7 +226,7 @@ fn python_side(hs: &HyphaServer, seconds: f64) -> Figures {
                 .collect()
         })
         .unwrap_or_default();
-    Figures {
+    Some(Figures {
         connect_s: g("connect_s"),
         echo_median_s: g("echo_median_s"),
         echo_p99_s: g("echo_p99_s"),
@@ -198,7 +237,7 @@ fn python_side(hs: &HyphaServer, seconds: f64) -> Figures {
         gen_items_per_s: g("gen_items_per_s"),
         gen_prefetch_items_per_s: f64::NAN,
         idle_rss_kib: 0,
-    }
+    })
 }
 
 fn main() {
@@ -212,6 +251,7 @@ fn main() {
     };
     let mut rust = rt.block_on(rust_side(hs.url(), seconds));
     let mut py = python_side(&hs, seconds);
+    let mut js = js_side(&hs, seconds).inspect_err(|e| eprintln!("JS column n/a: {e}")).ok();
 
     let exe = std::env::current_exe().unwrap();
     let idle = exe.with_file_name("client_idle");
@@ -222,43 +262,81 @@ fn main() {
     let mut c = Command::new(hs.python());
     c.args([concat!(env!("CARGO_MANIFEST_DIR"), "/py/client_idle.py"), hs.url()]);
     py.idle_rss_kib = idle_rss(c);
+    if let Some(js) = js.as_mut() {
+        let mut c = Command::new("node");
+        c.args([concat!(env!("CARGO_MANIFEST_DIR"), "/js/client_idle.mjs"), hs.url()]);
+        js.idle_rss_kib = idle_rss(c);
+    }
 
-    println!("| measure | Rust (this client) | Python hypha-rpc | ratio |");
-    println!("| --- | --- | --- | --- |");
+    println!(
+        "| measure | Rust (this client) | Python hypha-rpc | JS hypha-rpc (node) | ratio vs Python | ratio vs JS |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    const NA: &str = "n/a";
+    // A JS cell, or "n/a" without the JS column.
+    let jc = |cell: &dyn Fn(&Figures) -> String| js.as_ref().map_or(NA.to_string(), cell);
     let ms = |x: f64| format!("{:.3} ms", x * 1e3);
-    let time_row =
-        |name: &str, r: f64, p: f64| println!("| {name} | {} | {} | {:.1}× faster |", ms(r), ms(p), p / r);
-    let rate_row =
-        |name: &str, r: f64, p: f64| println!("| {name} | {r:.0} /s | {p:.0} /s | {:.2}× |", r / p);
-    time_row("connect to ready (median of 5)", rust.connect_s, py.connect_s);
-    time_row("small echo latency, median", rust.echo_median_s, py.echo_median_s);
-    time_row("small echo latency, p99", rust.echo_p99_s, py.echo_p99_s);
-    rate_row("calls/s sequential", rust.seq_calls_per_s, py.seq_calls_per_s);
-    rate_row("calls/s, 16 in flight", rust.par16_calls_per_s, py.par16_calls_per_s);
-    println!(
-        "| client CPU per sequential echo (both clients) | {:.1} µs | {:.1} µs | {:.1}× less |",
-        rust.cpu_per_call_s * 1e6,
-        py.cpu_per_call_s * 1e6,
-        py.cpu_per_call_s / rust.cpu_per_call_s
-    );
-    rate_row("generator items/s (one pull at a time)", rust.gen_items_per_s, py.gen_items_per_s);
-    println!(
-        "| generator items/s (Rust: prefetch 8) | {:.0} /s | (no prefetch in Python) | {:.2}× |",
-        rust.gen_prefetch_items_per_s,
-        rust.gen_prefetch_items_per_s / py.gen_items_per_s
-    );
-    for ((mb, rt, rr), (_, pt, pr)) in rust.big.iter().zip(&py.big) {
+    let time_row = |name: &str, get: fn(&Figures) -> f64| {
+        let (r, p) = (get(&rust), get(&py));
         println!(
-            "| {mb} MB echo (peak RSS growth, both clients) | {rt:.3} s ({:.0} MiB) | {pt:.3} s ({:.0} MiB) | {:.1}× faster |",
-            *rr as f64 / 1024.0,
-            *pr as f64 / 1024.0,
-            pt / rt
+            "| {name} | {} | {} | {} | {:.1}× faster | {} |",
+            ms(r),
+            ms(p),
+            jc(&|j| ms(get(j))),
+            p / r,
+            jc(&|j| format!("{:.1}× faster", get(j) / r))
+        );
+    };
+    let rate_row = |name: &str, get: fn(&Figures) -> f64| {
+        let (r, p) = (get(&rust), get(&py));
+        println!(
+            "| {name} | {r:.0} /s | {p:.0} /s | {} | {:.2}× | {} |",
+            jc(&|j| format!("{:.0} /s", get(j))),
+            r / p,
+            jc(&|j| format!("{:.2}×", r / get(j)))
+        );
+    };
+    time_row("connect to ready (median of 5)", |f| f.connect_s);
+    time_row("small echo latency, median", |f| f.echo_median_s);
+    time_row("small echo latency, p99", |f| f.echo_p99_s);
+    rate_row("calls/s sequential", |f| f.seq_calls_per_s);
+    rate_row("calls/s, 16 in flight", |f| f.par16_calls_per_s);
+    let us = |f: &Figures| f.cpu_per_call_s * 1e6;
+    println!(
+        "| client CPU per sequential echo (both clients) | {:.1} µs | {:.1} µs | {} | {:.1}× less | {} |",
+        us(&rust),
+        us(&py),
+        jc(&|j| format!("{:.1} µs", us(j))),
+        us(&py) / us(&rust),
+        jc(&|j| format!("{:.1}× less", us(j) / us(&rust)))
+    );
+    rate_row("generator items/s (one pull at a time)", |f| f.gen_items_per_s);
+    let pre = rust.gen_prefetch_items_per_s;
+    println!(
+        "| generator items/s (Rust: prefetch 8) | {pre:.0} /s | (no prefetch in Python) | {} | {:.2}× | {} |",
+        jc(&|_| "(no prefetch in JS)".into()),
+        pre / py.gen_items_per_s,
+        jc(&|j| format!("{:.2}×", pre / j.gen_items_per_s))
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    for (i, ((mb, rt, rr), (_, pt, pr))) in rust.big.iter().zip(&py.big).enumerate() {
+        let jbig = |j: &Figures| j.big.get(i).copied();
+        println!(
+            "| {mb} MB echo (peak RSS growth, both clients) | {rt:.3} s ({:.0} MiB) | {pt:.3} s ({:.0} MiB) | {} | {:.1}× faster | {} |",
+            mib(*rr),
+            mib(*pr),
+            jc(&|j| jbig(j).map_or(NA.into(), |(_, jt, jr)| format!("{jt:.3} s ({:.0} MiB)", mib(jr)))),
+            pt / rt,
+            jc(&|j| jbig(j).map_or(NA.into(), |(_, jt, _)| format!("{:.1}× faster", jt / rt)))
         );
     }
+    let idle_mib = |f: &Figures| mib(f.idle_rss_kib);
     println!(
-        "| idle RSS of a connected client | {:.1} MiB | {:.1} MiB | {:.1}× smaller |",
-        rust.idle_rss_kib as f64 / 1024.0,
-        py.idle_rss_kib as f64 / 1024.0,
-        py.idle_rss_kib as f64 / rust.idle_rss_kib as f64
+        "| idle RSS of a connected client | {:.1} MiB | {:.1} MiB | {} | {:.1}× smaller | {} |",
+        idle_mib(&rust),
+        idle_mib(&py),
+        jc(&|j| format!("{:.1} MiB", idle_mib(j))),
+        idle_mib(&py) / idle_mib(&rust),
+        jc(&|j| format!("{:.1}× smaller", idle_mib(j) / idle_mib(&rust)))
     );
 }
