@@ -34,6 +34,7 @@
 
 pub mod codec;
 pub mod config;
+mod de;
 mod driver;
 mod error;
 pub mod login;

@@ -15,8 +15,8 @@ use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, Stream, StreamExt};
+use hypha_rpc_core::codec::decode_value;
 use hypha_rpc_core::codec::rtype::{Generator as GeneratorDesc, Method, RTypeCodec};
-use hypha_rpc_core::codec::{decode_value, to_vec};
 use hypha_rpc_core::engine::{local_function, local_generator};
 use hypha_rpc_core::{FnId, GenId, Limits, Map, Value};
 use serde::de::DeserializeOwned;
@@ -136,8 +136,7 @@ pub(crate) fn check_map(m: &Map) -> Result<()> {
 /// assert_eq!(from_value::<Point>(&Value::Map(m)).unwrap(), Point { x: 1, y: 2 });
 /// ```
 pub fn from_value<T: DeserializeOwned>(v: &Value) -> Result<T> {
-    let bytes = to_vec(v);
-    rmp_serde::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))
+    T::deserialize(crate::de::ValueDeserializer(v)).map_err(|e| Error::Decode(e.to_string()))
 }
 
 /// [`from_value`] with remote functions bound to `incoming`.
