@@ -101,6 +101,13 @@ impl PyPeer {
         format!("---- Python peer stderr (last {} lines) ----\n{}", lines.len(), lines.join("\n"))
     }
 
+    /// Writes one raw line to the peer's stdin (for scripts driven by plain commands).
+    pub fn send_line(&self, line: &str) {
+        let mut stdin = self.stdin.lock().unwrap();
+        let pipe = stdin.as_mut().expect("stdin open");
+        writeln!(pipe, "{line}").and_then(|_| pipe.flush()).expect("write to the Python peer");
+    }
+
     /// Sends a command and waits for its answer.
     pub async fn request(&self, mut cmd: Json, timeout: Duration) -> Json {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

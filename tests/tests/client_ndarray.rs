@@ -14,17 +14,13 @@
 //! sliced, transposed) and sends them to the Python service `py-nd`, which checks them as numpy
 //! arrays and answers them transposed; plus a struct with a `serde_array` field.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::channel::mpsc;
 use hypha_rpc::ndarray::{AnyNdArray, Element, NdArray};
 use hypha_rpc::{Server, ServerConfig, Service, ServiceProxy, Visibility};
+use hypha_rpc_tests::pypeer::PyPeer;
 use hypha_rpc_tests::server::HyphaServer;
 use ndarray::{Array, Array2, ArrayD, IxDyn, ShapeBuilder, s};
 use serde::de::DeserializeOwned;
@@ -161,94 +157,8 @@ fn rust_service() -> Service {
         })
 }
 
-// ---- the Python peer ----------------------------------------------------------------------------
-
-struct PyPeer {
-    child: Child,
-    stdin: ChildStdin,
-    events: mpsc::UnboundedReceiver<Json>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl PyPeer {
-    fn start(hs: &HyphaServer, workspace: &str, token: &str, rust_svc: &str) -> PyPeer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/ndarray_peer.py");
-        let mut child = Command::new(hs.python())
-            .arg(&script)
-            .args([hs.url(), workspace, token, rust_svc])
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the Python peer");
-        let (tx, events) = mpsc::unbounded();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Json>(&line) {
-                    Ok(v) => {
-                        let _ = tx.unbounded_send(v);
-                    }
-                    Err(_) => eprintln!("[py stdout] {line}"),
-                }
-            }
-        });
-        let stderr: Arc<Mutex<Vec<String>>> = Arc::default();
-        let pipe = child.stderr.take().unwrap();
-        let keep = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut q = keep.lock().unwrap();
-                q.push(line);
-                if q.len() > 200 {
-                    q.remove(0);
-                }
-            }
-        });
-        let stdin = child.stdin.take().unwrap();
-        PyPeer { child, stdin, events, stderr }
-    }
-
-    fn stderr_tail(&self) -> String {
-        format!("---- Python peer stderr ----\n{}", self.stderr.lock().unwrap().join("\n"))
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush()).expect("write to the Python peer");
-    }
-
-    async fn event(&mut self, name: &str, timeout: Duration) -> Json {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.events.next()).await {
-                Ok(Some(v)) if v["event"] == name => return v,
-                Ok(Some(v)) => eprintln!("[py] {v}"),
-                Ok(None) => panic!("the Python peer exited before {name:?}\n{}", self.stderr_tail()),
-                Err(_) => {
-                    panic!("no {name:?} from the Python peer within {timeout:?}\n{}", self.stderr_tail())
-                }
-            }
-        }
-    }
-}
-
-impl Drop for PyPeer {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "leave");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// The Python peer (`tests/py/ndarray_peer.py`) is driven by `hypha_rpc_tests::pypeer::PyPeer`:
+// plain command lines in, JSON event lines out.
 
 // ---- part B: Rust sends ---------------------------------------------------------------------------
 
@@ -348,14 +258,15 @@ async fn numpy_arrays_both_ways() {
     let token = rs.generate_token(None).await.expect("generate_token");
     let rust_svc = rs.register_service(rust_service()).await.expect("register rust-nd");
 
-    let mut py = PyPeer::start(&hs, &ws, &token, &rust_svc);
+    let rt: Arc<dyn hypha_rpc::runtime::Runtime> = Arc::new(hypha_rpc_tokio::TokioRuntime);
+    let mut py = PyPeer::start(&hs, rt, "ndarray_peer.py", &[&ws, &token, &rust_svc]);
     let ready = py.event("ready", Duration::from_secs(60)).await;
     let py_svc = ready["service_id"].as_str().expect("service_id").to_string();
     println!("server, Rust client and Python peer up after {:?}", started.elapsed());
 
     // A: Python calls Rust.
     let t = Instant::now();
-    py.send("call_rust");
+    py.send_line("call_rust");
     let out = py.event("results", Duration::from_secs(300)).await;
     assert!(out.get("error").is_none(), "call_rust raised: {}\n{}", out["error"], py.stderr_tail());
     let results = out["results"].as_array().expect("results");
@@ -393,7 +304,9 @@ async fn numpy_arrays_both_ways() {
     rust_calls_python(&rs, &py_svc).await;
     println!("B: done in {:?}", t.elapsed());
 
-    drop(py);
+    py.send_line("leave");
+    let status = py.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "the Python peer failed: {status}");
     rs.disconnect().await;
     println!("total {:?}", started.elapsed());
 }
