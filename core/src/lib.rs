@@ -54,7 +54,7 @@ pub mod time;
 pub mod value;
 
 pub use connection::ConnectionInfo;
-pub use engine::{CallOptions, Engine, EngineConfig};
+pub use engine::{CallOptions, Engine, EngineConfig, PeerLink};
 pub use error::{CallError, ConnectError, EngineError, InputError};
 pub use event::{CallId, Context, Event, FnId, GenId, Invocation, InvokeId, InvokeTarget, Transmit};
 pub use generator::GeneratorReader;

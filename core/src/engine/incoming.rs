@@ -164,7 +164,8 @@ impl Engine {
         let my_ws = self.workspace();
         if let Some(to) = main_str("to") {
             let to_ws = split_client(&to).0;
-            if !to_ws.is_empty() && to_ws != my_ws {
+            // On a peer link nothing is routed: whatever the peer addressed is for us.
+            if !to_ws.is_empty() && to_ws != my_ws && self.config.peer.is_none() {
                 return Err(InputError::Protocol(format!("workspace mismatch: frame for {to}")));
             }
         }
@@ -413,7 +414,7 @@ impl Engine {
                     method: method.clone(),
                     session: session.clone(),
                     parent: parent.clone(),
-                    connection_type: "websocket",
+                    connection_type: if self.config.peer.is_some() { "webrtc" } else { "websocket" },
                     caller_public_key: self.incoming_key.map(|k| crate::crypto::to_hex(&k)),
                 })
             }

@@ -137,6 +137,28 @@ pub struct EngineConfig {
     /// synchronously costs none. A driver that always answers asynchronously sets a short
     /// delay so fast calls send no heartbeat (one frame less per call for the server).
     pub first_heartbeat_after: Duration,
+    /// `Some` for an engine on a direct link to one peer (a WebRTC data channel) instead of a
+    /// server connection. See [`PeerLink`].
+    pub peer: Option<PeerLink>,
+}
+
+/// A direct link to one peer, with no server in the path (PROTOCOL.md §13): no handshake, no
+/// manager, no keep-alive pings. The engine is ready as soon as the transport opens, serves
+/// its services and `built-in` to the peer, and calls the peer's.
+///
+/// Nobody rewrites the frames on such a link, so nothing the peer writes about itself is
+/// believed: every frame counts as coming from `peer_workspace` (its `from` is moved there, and
+/// `ws` and `user` are replaced by the values here), so visibility, `trusted_keys` and contexts
+/// work exactly as through the server. Take both from a trusted party, such as the server's
+/// context of the call that set up the link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerLink {
+    /// The workspace we act in on the link.
+    pub workspace: String,
+    /// The peer's workspace.
+    pub peer_workspace: String,
+    /// The peer's user info (`Nil` when unknown).
+    pub peer_user: Value,
 }
 
 impl EngineConfig {
@@ -157,6 +179,7 @@ impl EngineConfig {
             transport_max_message: 16 * 1024 * 1024,
             seed: 0,
             first_heartbeat_after: Duration::ZERO,
+            peer: None,
         }
     }
 }
@@ -263,6 +286,24 @@ pub struct Engine {
     crypto: Option<CryptoSlot>,
     /// The caller's key of the incoming call being handled, when it came encrypted.
     incoming_key: Option<[u8; KEY_LEN]>,
+}
+
+/// What the server would have written into a frame from the peer of a [`PeerLink`]: its
+/// `from` moved into the peer's workspace, `ws` and `user` set from the link.
+fn trust_peer_link(frame: &mut Frame, link: &PeerLink) -> Result<(), InputError> {
+    let from = frame.main.get("from").and_then(Value::as_str).map(String::from);
+    if let Some(from) = from {
+        let (ws, client) = split_client(&from);
+        if client.is_empty() || client.contains(['/', '*']) {
+            return Err(InputError::Protocol("a peer frame with a bad `from`".into()));
+        }
+        if ws != link.peer_workspace {
+            frame.main.insert("from", Value::from(format!("{}/{client}", link.peer_workspace)));
+        }
+    }
+    frame.main.insert("ws", Value::from(link.peer_workspace.as_str()));
+    frame.main.insert("user", link.peer_user.clone());
+    Ok(())
 }
 
 fn split_client(id: &str) -> (&str, &str) {
@@ -479,6 +520,29 @@ impl Engine {
             return Err(EngineError::Closed);
         }
         self.transmits.retain(|t| !matches!(t, Transmit::Text(_)));
+        if let Some(link) = self.config.peer.clone() {
+            if self.ever_ready {
+                return Err(EngineError::Closed);
+            }
+            let info = ConnectionInfo {
+                hypha_version: None,
+                public_base_url: String::new(),
+                local_base_url: None,
+                manager_id: String::new(),
+                workspace: link.workspace,
+                client_id: self.config.client_id.clone(),
+                user: Value::Nil,
+                reconnection_token: None,
+                reconnection_token_life_time: None,
+            };
+            self.me = Str::from(format!("{}/{}", info.workspace, self.config.client_id));
+            self.info = Some(info.clone());
+            self.state = State::Ready;
+            self.ever_ready = true;
+            tracing::info!(workspace = %info.workspace, client = %info.client_id, "peer link open");
+            self.events.push_back(Event::Connected { info, reconnected: false });
+            return Ok(());
+        }
         self.state = State::Handshaking { deadline: now + self.config.handshake_timeout };
         let hs = connection::handshake(
             &self.config.client_id,
@@ -593,9 +657,13 @@ impl Engine {
             }
             State::Registering | State::Ready => {}
         }
-        let result = decode_frame(bytes, &self.config.limits)
-            .map_err(InputError::from)
-            .and_then(|frame| self.dispatch(now, frame, false));
+        let result =
+            decode_frame(bytes, &self.config.limits).map_err(InputError::from).and_then(|mut frame| {
+                if let Some(link) = &self.config.peer {
+                    trust_peer_link(&mut frame, link)?;
+                }
+                self.dispatch(now, frame, false)
+            });
         if let Err(e) = &result {
             tracing::debug!(len = bytes.len(), error = %e, "dropped an incoming frame");
         }
@@ -769,6 +837,24 @@ impl Engine {
         self.call_manager(now, "get_service", vec![id.into()], Some(kwargs))
     }
 
+    /// Fetches service `service` straight from peer `peer` (`ws/client`), by calling its
+    /// `built-in.get_service`: how services are found on a [`PeerLink`], where there is no
+    /// manager. The result is the service map, as with [`Engine::get_service`].
+    pub fn get_peer_service(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        service: &str,
+    ) -> Result<CallId, EngineError> {
+        let target = Method {
+            target: peer.into(),
+            method: "services.built-in.get_service".into(),
+            promise: Some(PromiseMode::Compact),
+            ..Method::default()
+        };
+        self.call_inner(now, &target, vec![service.into()], None, CallOptions::default(), None)
+    }
+
     /// Registers a service: the engine keeps it (and registers it again after every
     /// reconnection) and announces it to the manager. Replaces a service with the same id.
     /// The manager's answer settles the returned call (at the next connection if there is
@@ -785,6 +871,13 @@ impl Engine {
         match self.services.iter_mut().find(|s| s.id == id) {
             Some(s) => *s = spec,
             None => self.services.push(spec),
+        }
+        if self.config.peer.is_some() {
+            // Served to the peer at once; there is no manager to tell.
+            let call = self.new_call_id();
+            let result = Ok(self.register_info(&id));
+            self.events.push_back(Event::CallSettled { id: call, result });
+            return Ok(call);
         }
         if self.state == State::Ready {
             let info = self.register_info(&id);
@@ -810,14 +903,14 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownService(id.into()))?;
         self.services.remove(pos);
         match &self.info {
-            Some(info) if self.state == State::Ready => {
+            Some(info) if self.state == State::Ready && self.config.peer.is_none() => {
                 let full = format!("{}/{}:{id}", info.workspace, info.client_id);
                 self.call_manager(now, "unregister_service", vec![full.into()], None)
             }
             other => {
                 // Done locally; the manager hears of it after the reconnection (a half-open
                 // old connection may still hold the registration server-side).
-                if let Some(info) = other {
+                if let Some(info) = other.as_ref().filter(|_| self.config.peer.is_none()) {
                     self.deferred_unregistrations.push(format!("{}/{}:{id}", info.workspace, info.client_id));
                 }
                 let call = self.new_call_id();
@@ -1120,7 +1213,7 @@ impl Engine {
     }
 
     fn manager_address(&self) -> Option<String> {
-        self.info.as_ref().map(ConnectionInfo::manager_address)
+        self.info.as_ref().filter(|_| self.config.peer.is_none()).map(ConnectionInfo::manager_address)
     }
 
     fn workspace(&self) -> &str {
