@@ -105,7 +105,7 @@ impl Pair {
             if !moved {
                 break;
             }
-            self.now = self.now + Duration::from_millis(1);
+            self.now += Duration::from_millis(1);
             self.a.handle_timeout(self.now);
             self.b.handle_timeout(self.now);
         }
@@ -149,7 +149,7 @@ fn a_peer_link_is_ready_at_once_and_serves_its_services() {
     assert_eq!(p.call(&svc, "echo", vec!["hi".into()]).unwrap(), Value::from("hi"));
     // `built-in` is there too, and the link sent no text frame (no handshake, no pings).
     assert!(p.get("built-in").is_ok());
-    p.now = p.now + Duration::from_secs(60);
+    p.now += Duration::from_secs(60);
     p.a.handle_timeout(p.now);
     p.b.handle_timeout(p.now);
     p.run();
