@@ -119,11 +119,34 @@ pub(crate) struct Shared {
 pub(crate) struct Inner {
     shared: Mutex<Shared>,
     wake: Notify,
-    rt: Arc<dyn Runtime>,
+    pub(crate) rt: Arc<dyn Runtime>,
     epoch: std::time::Instant,
-    config: ServerConfig,
-    endpoint: Endpoint,
-    done: futures::future::Shared<oneshot::Receiver<()>>,
+    pub(crate) config: ServerConfig,
+    /// Peer connections made by `get_service_with`, by `-rtc` service id, for reuse.
+    #[cfg(feature = "webrtc")]
+    pub(crate) rtc: Mutex<HashMap<String, crate::rtc::RtcPeer>>,
+    /// The server; `None` on a peer link, which never reconnects.
+    endpoint: Option<Endpoint>,
+    /// Completes when the driver has stopped for good.
+    pub(crate) done: futures::future::Shared<oneshot::Receiver<()>>,
+}
+
+/// What the drive loop needs of a transport: a stream of received messages and a sink for
+/// ours (the server websocket, or a WebRTC data channel dressed as one).
+pub(crate) trait Link:
+    futures::Stream<Item = core::result::Result<Message, Self::RecvError>>
+    + futures::Sink<Message, Error = Self::SendError>
+    + Unpin
+    + Send
+    + 'static
+{
+    type RecvError: std::fmt::Display;
+    type SendError: std::fmt::Display;
+}
+
+impl Link for Socket {
+    type RecvError = async_tungstenite::tungstenite::Error;
+    type SendError = async_tungstenite::tungstenite::Error;
 }
 
 fn remote_error(message: impl Into<String>) -> RemoteError {
@@ -148,6 +171,43 @@ enum Wake {
     Input,
     /// The socket ended (close frame, error or EOF), with the close code and reason.
     Ended((Option<u16>, String)),
+}
+
+/// An engine as `config` says, for client `client_id`, on the server or on a peer link.
+/// A peer link comes with the peer's largest message, which chunks must stay below.
+pub(crate) fn new_engine(
+    config: &ServerConfig,
+    client_id: String,
+    peer: Option<(hypha_rpc_core::PeerLink, usize)>,
+) -> Engine {
+    let mut ec = hypha_rpc_core::EngineConfig::new(client_id);
+    match peer {
+        None => {
+            ec.workspace = config.workspace.clone();
+            ec.token = config.token.clone();
+        }
+        Some((link, max_message)) => {
+            ec.peer = Some(link);
+            ec.transport_max_message = max_message;
+        }
+    }
+    ec.method_timeout = config.method_timeout;
+    ec.limits = config.limits.clone();
+    ec.seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
+    // Handlers run as tasks, so a reply never comes within the same input: without a delay
+    // every call would cost a heartbeat frame.
+    ec.first_heartbeat_after = Duration::from_millis(200);
+    let mut engine = Engine::new(ec, Instant::ZERO);
+    if config.encryption {
+        use hypha_rpc_core::crypto::NaclBox;
+        let rng = rand_core::OsRng;
+        let crypto = match config.encryption_secret_key {
+            Some(secret) => NaclBox::from_secret(secret, rng),
+            None => NaclBox::generate(rng),
+        };
+        engine.set_crypto(Box::new(crypto));
+    }
+    engine
 }
 
 /// Messages taken from the socket in one go before the engine runs.
@@ -197,27 +257,64 @@ impl Inner {
         config: ServerConfig,
     ) -> Result<(Arc<Inner>, ConnectionInfo)> {
         let endpoint = crate::config::parse_server_url(&config.server_url)?;
+        let mut config = config;
         let client_id = config.client_id.clone().unwrap_or_else(|| format!("rs-{:016x}", fastrand::u64(..)));
-        let mut ec = hypha_rpc_core::EngineConfig::new(client_id);
-        ec.workspace = config.workspace.clone();
-        ec.token = config.token.clone();
-        ec.method_timeout = config.method_timeout;
-        ec.limits = config.limits.clone();
-        ec.seed = config.seed.unwrap_or_else(|| fastrand::u64(..));
-        // Handlers run as tasks, so a reply never comes within the same input: without a
-        // delay every call would cost a heartbeat frame.
-        ec.first_heartbeat_after = Duration::from_millis(200);
-        let mut engine = Engine::new(ec, Instant::ZERO);
-        if config.encryption {
-            use hypha_rpc_core::crypto::NaclBox;
-            let rng = rand_core::OsRng;
-            let crypto = match config.encryption_secret_key {
-                Some(secret) => NaclBox::from_secret(secret, rng),
-                None => NaclBox::generate(rng),
-            };
-            engine.set_crypto(Box::new(crypto));
+        if config.encryption && config.encryption_secret_key.is_none() {
+            // Chosen here so that peer links (WebRTC) can hold the same key pair.
+            let mut secret = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+            config.encryption_secret_key = Some(secret);
         }
+        let engine = new_engine(&config, client_id, None);
         let socket = ws::connect(&*rt, &endpoint, &config.limits, &config.extra_root_certificates).await?;
+        let (inner, ready, done_tx) = Inner::new(rt.clone(), config, engine, Some(endpoint));
+        let driver = inner.clone();
+        rt.spawn(Box::pin(async move {
+            driver.run(socket).await;
+            let _ = done_tx.send(());
+        }));
+        let info = ready.await.map_err(|_| Error::Closed)??;
+        Ok((inner, info))
+    }
+
+    /// Runs `engine` (configured with [`EngineConfig::peer`](hypha_rpc_core::EngineConfig))
+    /// over an open peer link, until the link ends or [`Inner::shutdown`].
+    pub(crate) async fn connect_link<L: Link>(
+        rt: Arc<dyn Runtime>,
+        config: ServerConfig,
+        engine: Engine,
+        link: L,
+        services: Vec<(hypha_rpc_core::ServiceSpec, Arc<Handlers>)>,
+    ) -> Result<(Arc<Inner>, ConnectionInfo)> {
+        let (inner, ready, done_tx) = Inner::new(rt.clone(), config, engine, None);
+        {
+            let mut s = inner.lock();
+            let now = inner.now();
+            for (spec, handlers) in services {
+                let id = spec.id.clone();
+                s.engine.register_service(now, spec)?;
+                s.services.insert(id, handlers);
+            }
+            // The registrations settle at once, with nobody waiting.
+            while s.engine.poll_event().is_some() {}
+        }
+        let driver = inner.clone();
+        rt.spawn(Box::pin(async move {
+            driver.connection(link).await;
+            driver.close_for_good();
+            let _ = done_tx.send(());
+        }));
+        let info = ready.await.map_err(|_| Error::Closed)??;
+        Ok((inner, info))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn new(
+        rt: Arc<dyn Runtime>,
+        config: ServerConfig,
+        engine: Engine,
+        endpoint: Option<Endpoint>,
+    ) -> (Arc<Inner>, oneshot::Receiver<Result<ConnectionInfo>>, oneshot::Sender<()>) {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         let inner = Arc::new(Inner {
@@ -239,19 +336,15 @@ impl Inner {
                 tasks: Vec::new(),
             }),
             wake: Notify { flag: AtomicBool::new(false), waker: AtomicWaker::new() },
-            rt: rt.clone(),
+            rt,
             epoch: std::time::Instant::now(),
             config,
+            #[cfg(feature = "webrtc")]
+            rtc: Mutex::new(HashMap::new()),
             endpoint,
             done: done_rx.shared(),
         });
-        let driver = inner.clone();
-        rt.spawn(Box::pin(async move {
-            driver.run(socket).await;
-            let _ = done_tx.send(());
-        }));
-        let info = ready_rx.await.map_err(|_| Error::Closed)??;
-        Ok((inner, info))
+        (inner, ready_rx, done_tx)
     }
 
     /// Asks the driver to close for good and waits until it has.
@@ -297,13 +390,18 @@ impl Inner {
             if !self.idle(Some(delay)).await {
                 break;
             }
+            let Some(endpoint) = &self.endpoint else { break };
             let limits = &self.config.limits;
-            match ws::connect(&*self.rt, &self.endpoint, limits, &self.config.extra_root_certificates).await {
+            match ws::connect(&*self.rt, endpoint, limits, &self.config.extra_root_certificates).await {
                 Ok(sock) => socket = Some(sock),
                 Err(e) => tracing::warn!(error = %e, attempt, "reconnection failed"),
             }
         }
-        // Closed for good: every pending call fails, generators and interfaces are dropped.
+        self.close_for_good();
+    }
+
+    /// Closed for good: every pending call fails, generators and interfaces are dropped.
+    fn close_for_good(self: &Arc<Self>) {
         let mut s = self.lock();
         let now = self.now();
         s.engine.close(now);
@@ -372,7 +470,7 @@ impl Inner {
         }
     }
 
-    async fn connection(self: &Arc<Self>, mut socket: Socket) {
+    async fn connection<L: Link>(self: &Arc<Self>, mut socket: L) {
         {
             let mut s = self.lock();
             let now = self.now();
@@ -415,7 +513,8 @@ impl Inner {
             }
             if let Some((code, reason)) = close {
                 let frame = CloseFrame { code: code.into(), reason: reason.clone().into() };
-                let _ = socket.close(Some(frame)).await;
+                let _ = socket.send(Message::Close(Some(frame))).await;
+                let _ = SinkExt::close(&mut socket).await;
                 self.closed(Some(code), &reason);
                 return;
             }

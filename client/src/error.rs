@@ -57,6 +57,9 @@ pub enum Error {
     /// The client was disconnected by [`Server::disconnect`](crate::Server::disconnect).
     #[error("the client is disconnected")]
     Closed,
+    /// An argument we were given (or a peer sent us) cannot be used; the message says why.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
 }
 
 impl Error {

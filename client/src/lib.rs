@@ -40,6 +40,8 @@ mod error;
 pub mod login;
 #[cfg(feature = "ndarray")]
 pub mod ndarray;
+#[cfg(feature = "webrtc")]
+pub mod rtc;
 pub mod runtime;
 pub mod schema;
 mod server;

@@ -1,9 +1,11 @@
-//! The two seams between the shared driver and an async runtime: how to spawn, sleep and open
-//! a TCP stream. `hypha-rpc-tokio` and `hypha-rpc-smol` implement [`Runtime`]; nothing else
+//! The seams between the shared driver and an async runtime: how to spawn, sleep, open a TCP
+//! stream and bind a UDP socket (for WebRTC). `hypha-rpc-tokio` and `hypha-rpc-smol` implement [`Runtime`]; nothing else
 //! in this crate knows which runtime runs it.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -43,4 +45,20 @@ pub trait Runtime: Send + Sync + 'static {
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()>;
     /// Opens a TCP connection to `host:port`.
     fn connect_tcp(&self, host: &str, port: u16) -> BoxFuture<'static, io::Result<BoxIo>>;
+    /// Binds a UDP socket to `addr` (port 0: any free port). Needed for WebRTC only; the
+    /// default says it is unsupported.
+    fn bind_udp(&self, addr: SocketAddr) -> io::Result<Box<dyn Udp>> {
+        let _ = addr;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this runtime has no UDP sockets"))
+    }
+}
+
+/// A bound, non-blocking UDP socket, as WebRTC's ICE and DTLS need it.
+pub trait Udp: Send + Sync + 'static {
+    /// The address it is bound to.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Receives one datagram into `buf`, with its sender.
+    fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>>;
+    /// Sends one datagram to `target`.
+    fn poll_send_to(&self, cx: &mut Context<'_>, buf: &[u8], target: SocketAddr) -> Poll<io::Result<usize>>;
 }

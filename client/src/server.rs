@@ -24,8 +24,8 @@ use crate::values::{Locals, RemoteFunction};
 /// `disconnect()` to end it.
 #[derive(Clone)]
 pub struct Server {
-    inner: Arc<Inner>,
-    info: Arc<ConnectionInfo>,
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) info: Arc<ConnectionInfo>,
 }
 
 impl fmt::Debug for Server {
@@ -219,7 +219,7 @@ impl fmt::Debug for ServiceProxy {
 }
 
 impl ServiceProxy {
-    fn from_value(client: Arc<Inner>, v: Value, asked: &str) -> Result<Self> {
+    pub(crate) fn from_value(client: Arc<Inner>, v: Value, asked: &str) -> Result<Self> {
         let Value::Map(info) = v else {
             return Err(Error::Decode(format!("get_service returned {}, not a service", v.kind())));
         };

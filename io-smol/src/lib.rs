@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hypha_rpc::runtime::{BoxIo, Runtime};
+use hypha_rpc::runtime::{BoxIo, Runtime, Udp};
 
 pub use hypha_rpc::*;
 
@@ -52,6 +52,44 @@ impl Runtime for SmolRuntime {
             tcp.set_nodelay(true)?;
             Ok(Box::pin(tcp) as BoxIo)
         })
+    }
+    fn bind_udp(&self, addr: std::net::SocketAddr) -> io::Result<Box<dyn Udp>> {
+        Ok(Box::new(SmolUdp(smol::Async::<std::net::UdpSocket>::bind(addr)?)))
+    }
+}
+
+struct SmolUdp(smol::Async<std::net::UdpSocket>);
+
+impl Udp for SmolUdp {
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+    fn poll_recv_from(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<(usize, std::net::SocketAddr)>> {
+        loop {
+            match self.0.get_ref().recv_from(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return std::task::Poll::Ready(r),
+            }
+            std::task::ready!(self.0.poll_readable(cx))?;
+        }
+    }
+    fn poll_send_to(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        target: std::net::SocketAddr,
+    ) -> std::task::Poll<io::Result<usize>> {
+        loop {
+            match self.0.get_ref().send_to(buf, target) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return std::task::Poll::Ready(r),
+            }
+            std::task::ready!(self.0.poll_writable(cx))?;
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hypha_rpc::runtime::{BoxIo, Runtime};
+use hypha_rpc::runtime::{BoxIo, Runtime, Udp};
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 pub use hypha_rpc::*;
@@ -53,6 +53,35 @@ impl Runtime for TokioRuntime {
             tcp.set_nodelay(true)?;
             Ok(Box::pin(tcp.compat()) as BoxIo)
         })
+    }
+    fn bind_udp(&self, addr: std::net::SocketAddr) -> io::Result<Box<dyn Udp>> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        Ok(Box::new(TokioUdp(tokio::net::UdpSocket::from_std(socket)?)))
+    }
+}
+
+struct TokioUdp(tokio::net::UdpSocket);
+
+impl Udp for TokioUdp {
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.0.local_addr()
+    }
+    fn poll_recv_from(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<(usize, std::net::SocketAddr)>> {
+        let mut rb = tokio::io::ReadBuf::new(buf);
+        self.0.poll_recv_from(cx, &mut rb).map_ok(|from| (rb.filled().len(), from))
+    }
+    fn poll_send_to(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        target: std::net::SocketAddr,
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.0.poll_send_to(cx, buf, target)
     }
 }
 

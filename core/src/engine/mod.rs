@@ -470,6 +470,10 @@ impl Engine {
     pub fn queued_frames(&self) -> usize {
         self.backlog.len()
     }
+    /// The spec of service `id`, as registered.
+    pub fn service(&self, id: &str) -> Option<&ServiceSpec> {
+        self.services.iter().find(|s| s.id == id)
+    }
     /// Ids of the services we serve (without `built-in`).
     pub fn service_ids(&self) -> impl Iterator<Item = &str> {
         self.services.iter().map(|s| s.id.as_str())

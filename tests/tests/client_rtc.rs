@@ -1,0 +1,158 @@
+//! WebRTC between two Rust clients, signaled through the real server, over loopback UDP:
+//! calls, callbacks, generators, contexts, a 50 MB payload, visibility, the peer closing and
+//! the "auto" fallback. No packet leaves 127.0.0.1 (host candidates on loopback only, no STUN).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hypha_rpc::rtc::{WebRtc, WebRtcConfig};
+use hypha_rpc_tests::server::HyphaServer;
+use hypha_rpc_tokio::{
+    Callback, Context, Generator, RemoteFunction, RemoteGenerator, ServerConfig, Service, Visibility,
+    connect_to_server, serde_bytes::ByteBuf,
+};
+
+fn loopback() -> WebRtcConfig {
+    WebRtcConfig::default().host_addresses([IpAddr::V4(Ipv4Addr::LOCALHOST)])
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+fn hello() -> Service {
+    Service::new("hello")
+        .function("echo", |x: hypha_rpc_tokio::Value| async move { Ok::<_, String>(x) })
+        .function("twice", |f: RemoteFunction, x: i64| async move {
+            let once: i64 = f.call((x,)).await.map_err(|e| e.to_string())?;
+            f.call::<i64>((once,)).await.map_err(|e| e.to_string())
+        })
+        .function(
+            "count",
+            |n: u32| async move { Ok::<_, String>(Generator::new(futures::stream::iter(0..n))) },
+        )
+        .function("len", |b: ByteBuf| async move { Ok::<_, String>(b.len()) })
+        .function("make", |n: usize| async move { Ok::<_, String>(ByteBuf::from(pattern(n))) })
+        .function_with_context("whoami", |ctx: Context| async move {
+            Ok::<_, String>((ctx.from, ctx.ws, ctx.connection_type.to_string()))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_to_rust_over_webrtc() {
+    let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
+    let a = connect_to_server(ServerConfig::new(hs.url())).await.expect("connect a");
+    let token = a.generate_token(None).await.expect("token");
+    let b = connect_to_server(ServerConfig::new(hs.url()).workspace(a.workspace()).token(token))
+        .await
+        .expect("connect b");
+    a.register_service(hello()).await.expect("register");
+    let rtc_id = a.register_rtc_service("a-rtc", loopback()).await.expect("register the rtc service");
+    assert!(rtc_id.ends_with(":a-rtc"), "{rtc_id}");
+
+    let t0 = Instant::now();
+    let peer = b.get_rtc_service(&rtc_id, loopback()).await.expect("peer connection");
+    let svc = peer.get_service("hello").await.expect("the service over the channel");
+    let first: hypha_rpc_tokio::Value = svc.call("echo", ("hi",)).await.unwrap();
+    let setup = t0.elapsed();
+    assert_eq!(first.as_str(), Some("hi"));
+    eprintln!("get_rtc_service to first call: {setup:?}");
+    assert_eq!(peer.max_message_size(), hypha_rpc::rtc::LOCAL_MAX_MESSAGE as usize);
+
+    // Context: the caller as the server vouched for it, over "webrtc".
+    let (from, ws, kind): (String, String, String) = svc.call("whoami", ()).await.unwrap();
+    assert_eq!((ws.as_str(), kind.as_str()), (a.workspace(), "webrtc"));
+    assert!(from.starts_with(&format!("{}/", a.workspace())), "{from}");
+
+    let double = Callback::new(|x: i64| async move { Ok::<_, String>(x * 2) });
+    assert_eq!(svc.call::<i64>("twice", (double, 5)).await.unwrap(), 20);
+    let items: Vec<u32> = svc
+        .call::<RemoteGenerator>("count", (5,))
+        .await
+        .unwrap()
+        .typed::<u32>()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(items, vec![0, 1, 2, 3, 4]);
+
+    // 50 MB each way, chunked below the channel's message size.
+    let big = pattern(50_000_000);
+    let t = Instant::now();
+    let n: usize = svc.call("len", (ByteBuf::from(big.clone()),)).await.unwrap();
+    let up = t.elapsed();
+    assert_eq!(n, big.len());
+    let t = Instant::now();
+    let back: ByteBuf = svc.call("make", (50_000_000usize,)).await.unwrap();
+    let down = t.elapsed();
+    assert!(back.as_ref() == big.as_slice(), "50 MB came back intact");
+    eprintln!("50 MB over webrtc: up {up:?}, down {down:?}");
+
+    // The offerer closes one peer connection: its calls fail at once.
+    let second = b.get_rtc_service(&rtc_id, loopback()).await.expect("a second peer connection");
+    let svc2 = second.get_service("hello").await.unwrap();
+    second.disconnect().await;
+    assert!(!second.is_connected());
+    assert!(svc2.call::<hypha_rpc_tokio::Value>("echo", (1,)).await.is_err());
+    assert!(peer.is_connected(), "the first peer connection is unaffected");
+
+    // The answerer's connection ends: its peer connections end with it, and calls fail fast
+    // instead of hanging.
+    a.disconnect().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while peer.is_connected() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!peer.is_connected(), "the peer saw the channel close");
+    assert!(svc.call::<hypha_rpc_tokio::Value>("echo", (1,)).await.is_err());
+    b.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webrtc_enforces_visibility_and_falls_back_when_asked() {
+    let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
+    let a = connect_to_server(ServerConfig::new(hs.url())).await.expect("connect a");
+    // Anyone may ask for a connection, but `hello` stays protected.
+    a.register_service(hello()).await.unwrap();
+    a.register_service(
+        Service::new("open")
+            .visibility(Visibility::Public)
+            .function("ping", || async { Ok::<_, String>("pong") }),
+    )
+    .await
+    .unwrap();
+    let rtc_id =
+        a.register_rtc_service("a-rtc", loopback().visibility(Visibility::Public)).await.expect("register");
+    let stranger = connect_to_server(ServerConfig::new(hs.url())).await.expect("another workspace");
+    assert_ne!(stranger.workspace(), a.workspace());
+    let peer = stranger.get_rtc_service(&rtc_id, loopback()).await.expect("a public rtc service");
+    let err = peer.get_service("hello").await.unwrap_err().to_string();
+    assert!(err.contains("Permission denied"), "{err}");
+    let open = peer.get_service("open").await.expect("a public service");
+    assert_eq!(open.call::<String>("ping", ()).await.unwrap(), "pong");
+
+    // `get_service_with`: Off never touches WebRTC; Auto uses it when the provider serves
+    // `<client>-rtc` and falls back otherwise; On fails instead.
+    let token = a.generate_token(None).await.unwrap();
+    let b =
+        connect_to_server(ServerConfig::new(hs.url()).workspace(a.workspace()).token(token)).await.unwrap();
+    let hello_id = format!("{}/{}:hello", a.workspace(), a.client_id());
+    let ws = b.get_service_with(&hello_id, WebRtc::Off, loopback()).await.unwrap();
+    let (_, _, kind): (String, String, String) = ws.call("whoami", ()).await.unwrap();
+    assert_eq!(kind, "websocket");
+    // a's rtc service is `a-rtc`, not `<client>-rtc`: Auto falls back, On fails.
+    let fallback = b.get_service_with(&hello_id, WebRtc::Auto, loopback()).await.unwrap();
+    let (_, _, kind): (String, String, String) = fallback.call("whoami", ()).await.unwrap();
+    assert_eq!(kind, "websocket");
+    let err = b.get_service_with(&hello_id, WebRtc::On, loopback()).await.unwrap_err().to_string();
+    assert!(err.contains("Failed to get the service via webrtc"), "{err}");
+    let rtc_default = a.register_rtc_service(&format!("{}-rtc", a.client_id()), loopback()).await.unwrap();
+    assert!(rtc_default.ends_with("-rtc"));
+    let direct = b.get_service_with(&hello_id, WebRtc::On, loopback()).await.unwrap();
+    let (_, _, kind): (String, String, String) = direct.call("whoami", ()).await.unwrap();
+    assert_eq!(kind, "webrtc");
+    for c in [&a, &b, &stranger] {
+        c.disconnect().await;
+    }
+}
