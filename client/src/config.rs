@@ -47,6 +47,14 @@ pub struct ServerConfig {
     pub encryption: bool,
     /// Our encryption secret key (32 bytes); a new key pair is generated when `None`.
     pub encryption_secret_key: Option<[u8; 32]>,
+    /// Serve our services over WebRTC too (Python `webrtc`): `On` or `Auto` registers
+    /// `<client_id>-rtc` at connection (`On` fails the connection if that fails), so peers can
+    /// reach us with [`Server::get_service_with`](crate::Server::get_service_with). Default off.
+    #[cfg(feature = "webrtc")]
+    pub webrtc: crate::rtc::WebRtc,
+    /// How our peer connections are made (Python `webrtc_config`).
+    #[cfg(feature = "webrtc")]
+    pub webrtc_config: crate::rtc::WebRtcConfig,
 }
 
 impl ServerConfig {
@@ -64,7 +72,18 @@ impl ServerConfig {
             seed: None,
             encryption: false,
             encryption_secret_key: None,
+            #[cfg(feature = "webrtc")]
+            webrtc: crate::rtc::WebRtc::Off,
+            #[cfg(feature = "webrtc")]
+            webrtc_config: crate::rtc::WebRtcConfig::default(),
         }
+    }
+    /// Sets [`ServerConfig::webrtc`] and [`ServerConfig::webrtc_config`].
+    #[cfg(feature = "webrtc")]
+    pub fn webrtc(mut self, mode: crate::rtc::WebRtc, config: crate::rtc::WebRtcConfig) -> Self {
+        self.webrtc = mode;
+        self.webrtc_config = config;
+        self
     }
     /// Sets [`ServerConfig::token`].
     pub fn token(mut self, token: impl Into<String>) -> Self {

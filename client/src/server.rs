@@ -36,8 +36,30 @@ impl fmt::Debug for Server {
 
 /// Connects with the given runtime; the runtime crates wrap this as `connect_to_server`.
 pub async fn connect_with_runtime(runtime: Arc<dyn Runtime>, config: ServerConfig) -> Result<Server> {
+    #[cfg(feature = "webrtc")]
+    let webrtc = (config.webrtc, config.webrtc_config.clone());
     let (inner, info) = Inner::connect(runtime, config).await?;
-    Ok(Server { inner, info: Arc::new(info) })
+    let server = Server { inner, info: Arc::new(info) };
+    #[cfg(feature = "webrtc")]
+    {
+        use crate::rtc::WebRtc;
+        let (mode, rtc_config) = webrtc;
+        if mode != WebRtc::Off {
+            // As Python: `<client_id>-rtc`, so that `get_service_with` finds it from any id.
+            let id = format!("{}-rtc", server.client_id());
+            match server.register_rtc_service(&id, rtc_config).await {
+                Ok(_) => {}
+                Err(e) if mode == WebRtc::Auto => {
+                    tracing::warn!(error = %e, "webrtc: could not register {id}; serving over the websocket only")
+                }
+                Err(e) => {
+                    server.disconnect().await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(server)
 }
 
 impl Server {

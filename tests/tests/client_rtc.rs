@@ -135,24 +135,37 @@ async fn webrtc_enforces_visibility_and_falls_back_when_asked() {
     // `get_service_with`: Off never touches WebRTC; Auto uses it when the provider serves
     // `<client>-rtc` and falls back otherwise; On fails instead.
     let token = a.generate_token(None).await.unwrap();
-    let b =
-        connect_to_server(ServerConfig::new(hs.url()).workspace(a.workspace()).token(token)).await.unwrap();
+    let b = connect_to_server(
+        ServerConfig::new(hs.url())
+            .workspace(a.workspace())
+            .token(token.clone())
+            .webrtc(WebRtc::Off, loopback()),
+    )
+    .await
+    .unwrap();
     let hello_id = format!("{}/{}:hello", a.workspace(), a.client_id());
-    let ws = b.get_service_with(&hello_id, WebRtc::Off, loopback()).await.unwrap();
-    let (_, _, kind): (String, String, String) = ws.call("whoami", ()).await.unwrap();
-    assert_eq!(kind, "websocket");
-    // a's rtc service is `a-rtc`, not `<client>-rtc`: Auto falls back, On fails.
-    let fallback = b.get_service_with(&hello_id, WebRtc::Auto, loopback()).await.unwrap();
-    let (_, _, kind): (String, String, String) = fallback.call("whoami", ()).await.unwrap();
-    assert_eq!(kind, "websocket");
-    let err = b.get_service_with(&hello_id, WebRtc::On, loopback()).await.unwrap_err().to_string();
+    let kind = |p: hypha_rpc_tokio::ServiceProxy| async move {
+        let (_, _, kind): (String, String, String) = p.call("whoami", ()).await.unwrap();
+        kind
+    };
+    assert_eq!(kind(b.get_service_with(&hello_id, WebRtc::Off).await.unwrap()).await, "websocket");
+    // a serves `a-rtc`, not `<client>-rtc`: Auto falls back, On fails.
+    assert_eq!(kind(b.get_service_with(&hello_id, WebRtc::Auto).await.unwrap()).await, "websocket");
+    let err = b.get_service_with(&hello_id, WebRtc::On).await.unwrap_err().to_string();
     assert!(err.contains("Failed to get the service via webrtc"), "{err}");
-    let rtc_default = a.register_rtc_service(&format!("{}-rtc", a.client_id()), loopback()).await.unwrap();
-    assert!(rtc_default.ends_with("-rtc"));
-    let direct = b.get_service_with(&hello_id, WebRtc::On, loopback()).await.unwrap();
-    let (_, _, kind): (String, String, String) = direct.call("whoami", ()).await.unwrap();
-    assert_eq!(kind, "webrtc");
-    for c in [&a, &b, &stranger] {
-        c.disconnect().await;
+    // A client connected with webrtc on serves `<client>-rtc` by itself.
+    let c = connect_to_server(
+        ServerConfig::new(hs.url()).workspace(a.workspace()).token(token).webrtc(WebRtc::On, loopback()),
+    )
+    .await
+    .unwrap();
+    c.register_service(hello()).await.unwrap();
+    let c_hello = format!("{}/{}:hello", c.workspace(), c.client_id());
+    assert_eq!(kind(b.get_service_with(&c_hello, WebRtc::On).await.unwrap()).await, "webrtc");
+    assert_eq!(kind(b.get_service_with(&c_hello, WebRtc::Auto).await.unwrap()).await, "webrtc");
+    assert_eq!(kind(b.get_service_with(&c_hello, WebRtc::Off).await.unwrap()).await, "websocket");
+    c.disconnect().await;
+    for x in [&a, &b, &stranger] {
+        x.disconnect().await;
     }
 }

@@ -554,17 +554,15 @@ impl Server {
     /// ...})`): with [`WebRtc::On`] or [`WebRtc::Auto`], `id` (`ws/client:svc`) is fetched
     /// from its provider's `<client>-rtc` service over a data channel; `Auto` falls back to the
     /// websocket (and logs why). [`WebRtc::Off`] is the plain websocket, always (Python 0.21.47
-    /// tries WebRTC even then). One peer connection per provider is kept and reused.
-    pub async fn get_service_with(
-        &self,
-        id: &str,
-        mode: WebRtc,
-        config: WebRtcConfig,
-    ) -> Result<ServiceProxy> {
+    /// tries WebRTC even then). Peer connections are made with
+    /// [`ServerConfig::webrtc_config`](crate::ServerConfig::webrtc_config); one per provider is
+    /// kept and reused.
+    pub async fn get_service_with(&self, id: &str, mode: WebRtc) -> Result<ServiceProxy> {
         let svc = self.get_service(id).await?;
         if mode == WebRtc::Off {
             return Ok(svc);
         }
+        let config = self.inner.config.webrtc_config.clone();
         match self.rtc_fetch(&svc, config).await {
             Ok(p) => Ok(p),
             Err(e) if mode == WebRtc::Auto => {
