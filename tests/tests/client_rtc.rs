@@ -41,6 +41,10 @@ fn hello() -> Service {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_to_rust_over_webrtc() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
     let a = connect_to_server(ServerConfig::new(hs.url())).await.expect("connect a");
     let token = a.generate_token(None).await.expect("token");

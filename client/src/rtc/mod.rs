@@ -411,7 +411,6 @@ fn cap(server: &Inner) -> usize {
 /// Answers an offer: the answerer's half of the signaling, run by the `offer` function.
 async fn answer(
     server: Weak<Inner>,
-    rtc_service: String,
     config: WebRtcConfig,
     ctx: Context,
     desc: Description,
@@ -434,9 +433,10 @@ async fn answer(
     };
     let services: Vec<_> = {
         let s = server.lock();
+        // All of them, the rtc service included: hypha-rpc offerers connected with `webrtc`
+        // may call `offer` over an existing channel to open another.
         s.services
             .iter()
-            .filter(|(id, _)| **id != rtc_service)
             .filter_map(|(id, h)| s.engine.service(id).map(|spec| (spec.clone(), h.clone())))
             .collect()
     };
@@ -494,14 +494,12 @@ impl Server {
     /// get the services registered at the time they connect.
     pub async fn register_rtc_service(&self, service_id: &str, config: WebRtcConfig) -> Result<String> {
         let weak = Arc::downgrade(&self.inner);
-        let id = service_id.to_string();
         let visibility = config.visibility;
-        let svc = Service::new(service_id).visibility(visibility).function_with_context(
-            "offer",
-            move |ctx: Context, desc: Description| {
-                answer(weak.clone(), id.clone(), config.clone(), ctx, desc)
-            },
-        );
+        let svc = Service::new(service_id)
+            .visibility(visibility)
+            .function_with_context("offer", move |ctx: Context, desc: Description| {
+                answer(weak.clone(), config.clone(), ctx, desc)
+            });
         self.register_service(svc).await
     }
 
@@ -525,8 +523,10 @@ impl Server {
         let (sockets, locals) = bind(&*rt, &config.addresses())?;
         let (mut t, sdp, pending) = PeerTransport::offer(Instant::now(), &locals, &peer_id)
             .map_err(|e| Error::Transport(format!("webrtc: {e}")))?;
+        tracing::debug!(%sdp, "webrtc: our offer");
         let offer = Description { sdp, kind: "offer".into(), workspace: None };
         let answer: Description = signaling.call("offer", (offer,)).await?;
+        tracing::debug!(sdp = %answer.sdp, "webrtc: the answer");
         if answer.kind != "answer" {
             return Err(Error::Decode(format!("webrtc: expected an answer, got {:?}", answer.kind)));
         }

@@ -66,7 +66,12 @@ pub struct PeerTransport {
     deadline: Option<Instant>,
     remote_max: usize,
     closed: bool,
+    /// Datagrams str0m did not accept yet, retried after the next one it does.
+    early: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
 }
+
+/// How many not-yet-accepted datagrams are kept.
+const MAX_EARLY: usize = 8;
 
 impl std::fmt::Debug for PeerTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +122,7 @@ impl PeerTransport {
             deadline: None,
             remote_max: DEFAULT_REMOTE_MAX_MESSAGE,
             closed: false,
+            early: VecDeque::new(),
         }
     }
 
@@ -138,7 +144,12 @@ impl PeerTransport {
         let (offer, pending) = api.apply().ok_or("str0m made no offer")?;
         let mut t = Self::wrap(rtc);
         t.drain();
-        Ok((t, offer.to_sdp_string(), PendingOffer(pending)))
+        // We take the DTLS client role (`active`, not `actpass`): the side that is DTLS client
+        // starts SCTP in str0m, while aiortc starts it only when it is the ICE-controlling
+        // side, so with an aiortc answerer (controlled, and DTLS client if we said actpass)
+        // nobody would send SCTP INIT. Browsers and str0m accept an active offerer.
+        let sdp = offer.to_sdp_string().replace("a=setup:actpass", "a=setup:active");
+        Ok((t, sdp, PendingOffer(pending)))
     }
 
     /// Applies the answer to our offer.
@@ -209,16 +220,36 @@ impl PeerTransport {
         if self.closed {
             return;
         }
-        let Ok(r) = Receive::new(Protocol::Udp, source, destination, data) else { return };
+        if !self.feed(now, source, destination, data) {
+            // Not (yet) ours: DTLS can arrive before our side of ICE has completed (the peer
+            // nominated first). Kept briefly and retried, rather than costing a 1 s DTLS
+            // retransmission.
+            if self.early.len() == MAX_EARLY {
+                self.early.pop_front();
+            }
+            self.early.push_back((source, destination, data.to_vec()));
+            return;
+        }
+        for (s, d, bytes) in std::mem::take(&mut self.early) {
+            if !self.feed(now, s, d, &bytes) {
+                tracing::trace!(from = %s, "webrtc: dropped an early datagram");
+            }
+        }
+        self.flush();
+    }
+
+    /// Hands one datagram to str0m if it takes it; `false` if it does not (yet).
+    fn feed(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) -> bool {
+        let Ok(r) = Receive::new(Protocol::Udp, source, destination, data) else { return true };
         let input = Input::Receive(now, r);
         if !self.rtc.accepts(&input) {
-            return;
+            return false;
         }
         if let Err(e) = self.rtc.handle_input(input) {
             tracing::debug!(error = %e, "webrtc: input refused");
         }
         self.drain();
-        self.flush();
+        true
     }
 
     /// Time passed: call at [`PeerTransport::poll_timeout`] (early or late is harmless).
@@ -327,6 +358,10 @@ impl PeerTransport {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => {
                     self.deadline = Some(t);
+                    if !self.rtc.is_alive() {
+                        // The peer ended DTLS (close_notify) or SCTP: str0m stops quietly.
+                        self.finish("the peer closed the connection");
+                    }
                     return;
                 }
                 Ok(Output::Transmit(t)) => self.datagrams.push_back(Datagram {

@@ -111,9 +111,11 @@ impl<'a> Fields<'a> {
     fn invalid(&self, field: &'static str, reason: impl Into<String>) -> RTypeError {
         RTypeError::Invalid { rtype: self.rtype.into(), field, reason: reason.into() }
     }
+    /// An optional field; `nil` counts as absent (hypha-rpc writes `_rserver: None` and
+    /// `_rname: None` on connections without a server, such as WebRTC data channels).
     fn opt_str(&self, field: &'static str) -> Result<Option<String>, RTypeError> {
         match self.map.get(field) {
-            None => Ok(None),
+            None | Some(Value::Nil) => Ok(None),
             Some(Value::Str(s)) => Ok(Some(String::from(s.as_str()))),
             Some(v) => Err(self.wrong(field, "str", v)),
         }
@@ -123,7 +125,7 @@ impl<'a> Fields<'a> {
     }
     fn opt_bool(&self, field: &'static str) -> Result<Option<bool>, RTypeError> {
         match self.map.get(field) {
-            None => Ok(None),
+            None | Some(Value::Nil) => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
             Some(v) => Err(self.wrong(field, "bool", v)),
         }

@@ -1345,6 +1345,13 @@ impl Engine {
         if let Some(s) = &session {
             main.push(Value::from_static("session"), s.as_str());
         }
+        if self.config.peer.is_some() {
+            // No server writes these on a peer link, and hypha-rpc reads both from the context
+            // of a reassembled message (`message_cache.process`), failing without them. The
+            // peer must not believe them (we never do, see `PeerLink`).
+            main.push(Value::from_static("ws"), self.workspace());
+            main.push(Value::from_static("user"), Value::Nil);
+        }
         let mut extra = Map::with_capacity(4);
         if !args.is_empty() {
             extra.push(Value::from_static("args"), Value::Array(args));
