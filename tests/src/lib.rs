@@ -4,6 +4,7 @@ pub mod hostile;
 pub mod hub;
 pub mod payloads;
 pub mod pypeer;
+pub mod rtc;
 pub mod server;
 pub mod sim;
 pub mod transcripts;

@@ -6,54 +6,18 @@
 //! Both peers offer only 127.0.0.1 host candidates and use no STUN server
 //! (`tests/py/rtc_peer.py` pins aioice's host addresses and passes `ice_servers: [{urls: []}]`).
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use hypha_rpc::rtc::{WebRtc, WebRtcConfig};
+use hypha_rpc::rtc::WebRtc;
 use hypha_rpc_tests::pypeer::PyPeer;
+use hypha_rpc_tests::rtc::{interop_service, loopback, pattern, sha256_hex};
 use hypha_rpc_tests::server::HyphaServer;
-use hypha_rpc_tokio::{
-    Callback, Context, Generator, RemoteFunction, RemoteGenerator, ServerConfig, Service, Value,
-    connect_to_server, serde_bytes::ByteBuf,
-};
+use hypha_rpc_tokio::{Callback, RemoteGenerator, ServerConfig, connect_to_server, serde_bytes::ByteBuf};
 use serde_json::{Value as Json, json};
-use sha2::Digest;
 
 const T: Duration = Duration::from_secs(90);
-
-fn loopback() -> WebRtcConfig {
-    WebRtcConfig::default().host_addresses([IpAddr::V4(Ipv4Addr::LOCALHOST)])
-}
-
-fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i % 251) as u8).collect()
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    hypha_rpc_core::crypto::to_hex(&sha2::Sha256::digest(b))
-}
-
-/// The Rust service, with the method names `rtc_peer.py`'s Python service uses.
-fn rust_service() -> Service {
-    Service::new("rs-rtc")
-        .function("echo", |x: Value| async move { Ok::<_, String>(x) })
-        .function_with_context("whoami", |ctx: Context| async move {
-            Ok::<_, String>(json!({
-                "from": ctx.from, "ws": ctx.ws, "connection_type": ctx.connection_type,
-                "user_id": ctx.user.as_map().and_then(|u| u.get("id")).and_then(|v| v.as_str()).map(String::from),
-            }))
-        })
-        .function("call_cb", |cb: RemoteFunction, x: i64| async move {
-            cb.call::<i64>((x,)).await.map_err(|e| format!("the callback failed: {e}"))
-        })
-        .function("count", |n: u32| async move { Ok::<_, String>(Generator::new(futures::stream::iter(0..n))) })
-        .function("digest", |b: ByteBuf| async move {
-            Ok::<_, String>(json!({"len": b.len(), "sha256": sha256_hex(&b)}))
-        })
-        .function("make_bytes", |n: usize| async move { Ok::<_, String>(ByteBuf::from(pattern(n))) })
-}
 
 async fn call(py: &PyPeer, alias: &str, method: &str, args: Json) -> Result<Json, String> {
     let r = py.request(json!({"cmd": "call", "alias": alias, "method": method, "args": args}), T).await;
@@ -71,7 +35,7 @@ async fn python_offerer_calls_a_rust_service_over_webrtc() {
     )
     .await
     .expect("connect with webrtc");
-    rs.register_service(rust_service()).await.unwrap();
+    rs.register_service(interop_service("rs-rtc")).await.unwrap();
     let token = rs.generate_token(None).await.unwrap();
     let rt: Arc<dyn hypha_rpc::runtime::Runtime> = Arc::new(hypha_rpc_tokio::TokioRuntime);
     let py =

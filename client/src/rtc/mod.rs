@@ -530,7 +530,7 @@ impl Server {
         if answer.kind != "answer" {
             return Err(Error::Decode(format!("webrtc: expected an answer, got {:?}", answer.kind)));
         }
-        t.accept_answer(pending, &answer.sdp, cap(&self.inner))
+        t.accept_answer(Instant::now(), pending, &answer.sdp, cap(&self.inner))
             .map_err(|e| Error::Transport(format!("webrtc: {e}")))?;
         let remote_max = t.remote_max_message();
         let (_, channel) = open(&rt, t, sockets, locals, config.connect_timeout).await?;

@@ -153,7 +153,13 @@ impl PeerTransport {
     }
 
     /// Applies the answer to our offer.
-    pub fn accept_answer(&mut self, pending: PendingOffer, sdp: &str, cap: usize) -> Result<(), String> {
+    pub fn accept_answer(
+        &mut self,
+        now: Instant,
+        pending: PendingOffer,
+        sdp: &str,
+        cap: usize,
+    ) -> Result<(), String> {
         let answer =
             SdpAnswer::from_sdp_string(sdp).map_err(|e| format!("the answer is not valid SDP: {e}"))?;
         self.rtc
@@ -162,6 +168,9 @@ impl PeerTransport {
             .map_err(|e| format!("the answer was refused: {e}"))?;
         self.remote_max = max_message_size(sdp, cap);
         self.drain();
+        // ICE starts at the first timeout: now, not when the peer's first check arrives (a
+        // peer that knows none of our candidates sends none).
+        self.handle_timeout(now);
         Ok(())
     }
 
@@ -180,6 +189,7 @@ impl PeerTransport {
         let mut t = Self::wrap(rtc);
         t.remote_max = max_message_size(offer, cap);
         t.drain();
+        t.handle_timeout(now);
         Ok((t, answer.to_sdp_string()))
     }
 
@@ -476,7 +486,7 @@ mod tests {
             ("127.0.0.1:40001".parse().unwrap(), "127.0.0.1:40002".parse().unwrap());
         let (mut a, offer, pending) = PeerTransport::offer(now, &[ha], "peer-1").unwrap();
         let (mut b, answer) = PeerTransport::answer(now, &[hb], &offer, 16 << 20).unwrap();
-        a.accept_answer(pending, &answer, 16 << 20).unwrap();
+        a.accept_answer(now, pending, &answer, 16 << 20).unwrap();
         assert_eq!(a.remote_max_message(), LOCAL_MAX_MESSAGE as usize);
         assert!(
             offer.contains("a=candidate") && answer.contains("a=candidate"),
