@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what it needs (the Python venv with the pinned
-# Hypha server and client), then formatting, lints, tests (including the real-server smoke
-# test), the no_std link check and the docs, all with warnings denied.
+# Hypha server and clients, the npm packages, Debian's Chromium), then formatting, lints, tests
+# (real server, Python, JS and browser peers, WebRTC), the no_std link check and the docs, all
+# with warnings denied. Where `unshare -n` is allowed, the tests run in a network namespace of
+# their own that has only loopback: no test can send a packet off 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -19,8 +21,19 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 cargo clippy -p hypha-rpc-core --no-default-features -- -D warnings
 
+step "npm packages and Chromium (JS and browser interop tests)"
+scripts/js-deps.sh
+scripts/chromium.sh
+
 step "cargo test"
-cargo test --workspace --all-features
+cargo test --workspace --all-features --no-run
+if command -v ip >/dev/null 2>&1 && unshare -n -- true 2>/dev/null; then
+  echo "(in a new network namespace: only loopback exists)"
+  unshare -n -- sh -c 'ip link set lo up && exec cargo test --workspace --all-features --offline'
+else
+  echo "(unshare -n is not allowed here: the tests run in this network namespace, on loopback)"
+  cargo test --workspace --all-features
+fi
 
 step "quickstart (Rust <-> Python through a local server)"
 scripts/quickstart.sh

@@ -213,7 +213,7 @@ impl Server {
 
 /// Puts `_renc_pub` on every function descriptor of a service map (Python attaches the key to
 /// every function proxy).
-fn attach_key(m: &mut Map, key: &[u8; 32]) {
+pub(crate) fn attach_key(m: &mut Map, key: &[u8; 32]) {
     let is_method = m.get("_rtype").and_then(Value::as_str) == Some("method");
     if is_method {
         m.insert("_renc_pub", Value::bin(bytes::Bytes::copy_from_slice(key)));
@@ -231,7 +231,7 @@ fn attach_key(m: &mut Map, key: &[u8; 32]) {
 pub struct ServiceProxy {
     client: Arc<Inner>,
     id: String,
-    info: Map,
+    pub(crate) info: Map,
 }
 
 impl fmt::Debug for ServiceProxy {

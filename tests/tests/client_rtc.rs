@@ -173,3 +173,46 @@ async fn webrtc_enforces_visibility_and_falls_back_when_asked() {
         x.disconnect().await;
     }
 }
+
+/// On smol (its UDP sockets), with end-to-end encryption: `trusted_keys` holds over WebRTC as
+/// on the websocket (hypha-rpc 0.21.47 does not check it there).
+#[test]
+fn trusted_keys_hold_over_webrtc_on_smol() {
+    smol::block_on(async {
+        use hypha_rpc_smol::connect_to_server;
+        let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
+        let b = connect_to_server(ServerConfig::new(hs.url()).encryption(true)).await.expect("connect b");
+        let b_key = b.get_public_key().unwrap();
+        let token = b.generate_token(None).await.unwrap();
+        let a = connect_to_server(
+            ServerConfig::new(hs.url())
+                .workspace(b.workspace())
+                .token(token)
+                .encryption(true)
+                .webrtc(WebRtc::On, loopback()),
+        )
+        .await
+        .expect("connect a");
+        let a_key = a.get_public_key().unwrap();
+        a.register_service(
+            Service::new("locked")
+                .trusted_keys([b_key.clone()])
+                .function_with_context("whoami", |ctx: Context| async move {
+                    Ok::<_, String>(ctx.caller_public_key)
+                }),
+        )
+        .await
+        .unwrap();
+        let rtc_id = format!("{}/{}:{}-rtc", a.workspace(), a.client_id(), a.client_id());
+        let peer = b.get_rtc_service(&rtc_id, loopback()).await.expect("peer connection on smol");
+        let clear = peer.get_service("locked").await.unwrap();
+        let err = clear.call::<Option<String>>("whoami", ()).await.unwrap_err().to_string();
+        assert!(err.contains("Encryption required"), "{err}");
+        let sealed = peer.get_encrypted_service("locked", &a_key).await.unwrap();
+        let who: Option<String> = sealed.call("whoami", ()).await.unwrap();
+        assert_eq!(who.as_deref(), Some(b_key.as_str()), "the caller proved its key over the channel");
+        peer.disconnect().await;
+        a.disconnect().await;
+        b.disconnect().await;
+    });
+}

@@ -370,6 +370,22 @@ impl RtcPeer {
         let v = Inner::settle(rx).await?;
         ServiceProxy::from_value(self.inner.clone(), v, name)
     }
+    /// Like [`RtcPeer::get_service`], with calls end-to-end encrypted for `public_key` (the
+    /// provider's, 64 hex characters), as [`Server::get_encrypted_service`] does on the
+    /// websocket. Needs [`ServerConfig::encryption`](crate::ServerConfig::encryption).
+    pub async fn get_encrypted_service(&self, name: &str, public_key: &str) -> Result<ServiceProxy> {
+        let key = hypha_rpc_core::crypto::key_from_hex(public_key).ok_or_else(|| {
+            Error::InvalidArgument(format!("public key {public_key:?} is not 64 hex characters"))
+        })?;
+        if self.inner.lock().engine.public_key().is_none() {
+            return Err(Error::InvalidArgument(
+                "encryption is off: connect with ServerConfig::encryption(true)".into(),
+            ));
+        }
+        let mut proxy = self.get_service(name).await?;
+        crate::server::attach_key(&mut proxy.info, &key);
+        Ok(proxy)
+    }
     /// The peer's workspace (from the answer).
     pub fn workspace(&self) -> &str {
         &self.info.workspace
