@@ -53,6 +53,27 @@ pub trait Runtime: Send + Sync + 'static {
     }
 }
 
+/// Binds a non-blocking UDP socket for WebRTC, with 4 MiB kernel buffers each way (or the
+/// system's cap, `net.core.rmem_max`), so that a burst of a full SCTP window is not dropped by
+/// the kernel before the driver reads it. The runtimes wrap it in their own socket type.
+pub fn bind_udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for size in [4 << 20, 1 << 20] {
+        if s.set_recv_buffer_size(size).is_ok() {
+            break;
+        }
+    }
+    for size in [4 << 20, 1 << 20] {
+        if s.set_send_buffer_size(size).is_ok() {
+            break;
+        }
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
 /// A bound, non-blocking UDP socket, as WebRTC's ICE and DTLS need it.
 pub trait Udp: Send + Sync + 'static {
     /// The address it is bound to.

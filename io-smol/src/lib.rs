@@ -54,7 +54,8 @@ impl Runtime for SmolRuntime {
         })
     }
     fn bind_udp(&self, addr: std::net::SocketAddr) -> io::Result<Box<dyn Udp>> {
-        Ok(Box::new(SmolUdp(smol::Async::<std::net::UdpSocket>::bind(addr)?)))
+        let socket = hypha_rpc::runtime::bind_udp_socket(addr)?;
+        Ok(Box::new(SmolUdp(smol::Async::new(socket)?)))
     }
 }
 

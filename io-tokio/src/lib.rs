@@ -55,8 +55,7 @@ impl Runtime for TokioRuntime {
         })
     }
     fn bind_udp(&self, addr: std::net::SocketAddr) -> io::Result<Box<dyn Udp>> {
-        let socket = std::net::UdpSocket::bind(addr)?;
-        socket.set_nonblocking(true)?;
+        let socket = hypha_rpc::runtime::bind_udp_socket(addr)?;
         Ok(Box::new(TokioUdp(tokio::net::UdpSocket::from_std(socket)?)))
     }
 }

@@ -9,8 +9,8 @@ use futures::StreamExt;
 use hypha_rpc::rtc::{WebRtc, WebRtcConfig};
 use hypha_rpc_tests::server::HyphaServer;
 use hypha_rpc_tokio::{
-    Callback, Context, Generator, RemoteFunction, RemoteGenerator, ServerConfig, Service, Visibility,
-    connect_to_server, serde_bytes::ByteBuf,
+    Callback, Context, Generator, Interface, RemoteFunction, RemoteGenerator, RemoteInterface, ServerConfig,
+    Service, Visibility, connect_to_server, serde_bytes::ByteBuf,
 };
 
 fn loopback() -> WebRtcConfig {
@@ -34,6 +34,9 @@ fn hello() -> Service {
         )
         .function("len", |b: ByteBuf| async move { Ok::<_, String>(b.len()) })
         .function("make", |n: usize| async move { Ok::<_, String>(ByteBuf::from(pattern(n))) })
+        .function("counter", || async move {
+            Ok::<_, String>(Interface::new().function("inc", |x: i64| async move { Ok::<_, String>(x + 1) }))
+        })
         .function_with_context("whoami", |ctx: Context| async move {
             Ok::<_, String>((ctx.from, ctx.ws, ctx.connection_type.to_string()))
         })
@@ -80,6 +83,10 @@ async fn rust_to_rust_over_webrtc() {
         .collect()
         .await;
     assert_eq!(items, vec![0, 1, 2, 3, 4]);
+    // A returned `_rintf` object works over the channel (hypha-rpc 0.21.47's does not).
+    let counter: RemoteInterface = svc.call("counter", ()).await.unwrap();
+    assert_eq!(counter.call::<i64>("inc", (41,)).await.unwrap(), 42);
+    counter.dispose().await.unwrap();
 
     // 50 MB each way, chunked below the channel's message size.
     let big = pattern(50_000_000);

@@ -154,6 +154,9 @@ enum LinkCmd {
     Close,
 }
 
+/// Datagrams taken from a socket per wake-up, at most.
+const MAX_BURST: usize = 64;
+
 /// Stop reading the driver's messages while this much waits for the channel.
 const MAX_QUEUED: usize = 2 * 1024 * 1024;
 
@@ -207,9 +210,12 @@ async fn pump(
         if closed {
             return;
         }
+        // str0m moves its deadline with nearly every packet. A timer due no later than the
+        // new deadline is kept (waking early is harmless: str0m re-arms), so timers are not
+        // re-created per datagram.
         match t.poll_timeout() {
             None => timer = None,
-            Some(d) if timer.as_ref().is_some_and(|(x, _)| *x == d) => {}
+            Some(d) if timer.as_ref().is_some_and(|(x, _)| *x <= d) => {}
             Some(d) => timer = Some((d, rt.sleep(d.saturating_duration_since(Instant::now())))),
         }
         let take_cmds = cmds_open && t.queued_bytes() < MAX_QUEUED;
@@ -239,7 +245,19 @@ async fn pump(
         })
         .await;
         match wake {
-            Wake::Datagram(i, n, from) => t.handle_datagram(Instant::now(), from, locals[i], &buf[..n]),
+            Wake::Datagram(i, n, from) => {
+                let now = Instant::now();
+                t.handle_datagram(now, from, locals[i], &buf[..n]);
+                // Take what else already waits on that socket (one wake-up per burst).
+                let waker = futures::task::noop_waker();
+                let mut cx = TaskContext::from_waker(&waker);
+                for _ in 0..MAX_BURST {
+                    match sockets[i].poll_recv_from(&mut cx, &mut buf) {
+                        Poll::Ready(Ok((n, from))) => t.handle_datagram(now, from, locals[i], &buf[..n]),
+                        _ => break,
+                    }
+                }
+            }
             Wake::Timer => t.handle_timeout(Instant::now()),
             Wake::Cmd(Some(LinkCmd::Send(b))) => {
                 if let Err(e) = t.send(b) {

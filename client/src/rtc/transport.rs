@@ -99,10 +99,15 @@ pub fn max_message_size(sdp: &str, cap: usize) -> usize {
 }
 
 fn new_rtc(now: Instant, candidates: &[SocketAddr]) -> Result<Rtc, String> {
-    let mut rtc = Rtc::builder()
+    let mut builder = Rtc::builder()
         .set_sctp_max_message_size(LOCAL_MAX_MESSAGE)
-        .set_sctp_max_buffered_amount(MAX_BUFFERED)
-        .build(now);
+        .set_sctp_max_buffered_amount(MAX_BUFFERED);
+    if !candidates.is_empty() && candidates.iter().all(|a| a.ip().is_loopback()) {
+        // Loopback has no path MTU to fear: the largest datagrams str0m allows mean fewer
+        // packets, and SCTP's cost is per packet.
+        builder = builder.set_mtu(str0m::DATAGRAM_MTU_TARGET_MAX..=str0m::DATAGRAM_MTU_TARGET_MAX);
+    }
+    let mut rtc = builder.build(now);
     for addr in candidates {
         let c = Candidate::host(*addr, "udp").map_err(|e| format!("bad local candidate {addr}: {e}"))?;
         rtc.add_local_candidate(c);
