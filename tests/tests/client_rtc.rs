@@ -223,3 +223,51 @@ fn trusted_keys_hold_over_webrtc_on_smol() {
         b.disconnect().await;
     });
 }
+
+/// A STUN server on loopback that answers every Binding request with the sender's port at
+/// 127.0.0.2 (so the reflexive address differs from the host one), counting requests.
+fn fake_stun() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if n < 20 || buf[0..2] != [0x00, 0x01] || buf[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+                continue;
+            }
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut r = vec![0x01, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
+            r.extend_from_slice(&buf[8..20]);
+            let port = from.port() ^ 0x2112;
+            let ip = u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2)) ^ 0x2112_a442;
+            r.extend_from_slice(&[0x00, 0x20, 0x00, 0x08, 0x00, 0x01]);
+            r.extend_from_slice(&port.to_be_bytes());
+            r.extend_from_slice(&ip.to_be_bytes());
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_servers_give_reflexive_candidates() {
+    let (stun, asked) = fake_stun();
+    let config = loopback().ice_servers([format!("stun:{stun}"), "turn:127.0.0.1:1".to_string()]);
+    let hs = HyphaServer::start().unwrap_or_else(|e| panic!("the real Hypha server must start: {e}"));
+    let a = connect_to_server(ServerConfig::new(hs.url()).webrtc(WebRtc::On, config.clone())).await.unwrap();
+    a.register_service(hello()).await.unwrap();
+    let token = a.generate_token(None).await.unwrap();
+    let b =
+        connect_to_server(ServerConfig::new(hs.url()).workspace(a.workspace()).token(token)).await.unwrap();
+    let rtc_id = format!("{}/{}:{}-rtc", a.workspace(), a.client_id(), a.client_id());
+    let peer = b.get_rtc_service(&rtc_id, config).await.expect("connects with reflexive candidates offered");
+    let svc = peer.get_service("hello").await.unwrap();
+    let v: hypha_rpc_tokio::Value = svc.call("echo", ("hi",)).await.unwrap();
+    assert_eq!(v.as_str(), Some("hi"));
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) >= 2, "both sides asked the STUN server");
+    b.disconnect().await;
+    a.disconnect().await;
+}

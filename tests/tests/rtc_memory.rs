@@ -53,8 +53,8 @@ impl World {
         let (ha, hb): (SocketAddr, SocketAddr) =
             ("127.0.0.1:50001".parse().unwrap(), "127.0.0.1:50002".parse().unwrap());
         // B offers (the caller), A answers (the service), as with `get_rtc_service`.
-        let (mut rb, offer, pending) = PeerTransport::offer(start, &[hb], "peer-b").unwrap();
-        let (ra, answer) = PeerTransport::answer(start, &[ha], &offer, 64 << 20).unwrap();
+        let (mut rb, offer, pending) = PeerTransport::offer(start, &[hb], &[], "peer-b").unwrap();
+        let (ra, answer) = PeerTransport::answer(start, &[ha], &[], &offer, 64 << 20).unwrap();
         rb.accept_answer(start, pending, &answer, 64 << 20).unwrap();
         let user = Value::Map(Map::from_iter([("id", Value::from("bob"))]));
         let mut ca = EngineConfig::new("peer-b");

@@ -83,6 +83,11 @@ pub struct WebRtcConfig {
     /// For [`Server::register_rtc_service`]: who may ask for a connection. Default protected
     /// (our workspace only), as Python.
     pub visibility: Visibility,
+    /// STUN servers, as `stun:host[:port]` URLs (Python's `ice_servers[].urls`): each host
+    /// socket asks them for its public address, offered as a server-reflexive candidate.
+    /// Default none: unlike hypha-rpc, which falls back to Google's STUN server, nothing is
+    /// contacted unless configured. `turn:` URLs are not supported yet (logged and skipped).
+    pub ice_servers: Vec<String>,
 }
 
 impl Default for WebRtcConfig {
@@ -92,6 +97,7 @@ impl Default for WebRtcConfig {
             peer_id: None,
             connect_timeout: Duration::from_secs(30),
             visibility: Visibility::Protected,
+            ice_servers: Vec::new(),
         }
     }
 }
@@ -110,6 +116,11 @@ impl WebRtcConfig {
     /// Sets [`WebRtcConfig::connect_timeout`].
     pub fn connect_timeout(mut self, t: Duration) -> Self {
         self.connect_timeout = t;
+        self
+    }
+    /// Sets [`WebRtcConfig::ice_servers`].
+    pub fn ice_servers<S: Into<String>>(mut self, urls: impl IntoIterator<Item = S>) -> Self {
+        self.ice_servers = urls.into_iter().map(Into::into).collect();
         self
     }
     /// Sets [`WebRtcConfig::visibility`].
@@ -175,6 +186,125 @@ fn bind(rt: &dyn Runtime, addrs: &[IpAddr]) -> Result<Sockets> {
         sockets.push(s);
     }
     Ok((sockets, locals))
+}
+
+/// How long STUN servers get to answer, in all.
+const STUN_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// `stun:host[:port]` → the host and port (3478 by default); `None` for anything else.
+fn stun_host(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("stun:")?;
+    let rest = rest.split('?').next().unwrap_or(rest);
+    if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        let port = after.strip_prefix(':').map_or(Some(3478), |p| p.parse().ok())?;
+        return Some((h.to_string(), port));
+    }
+    match rest.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((rest.to_string(), 3478)),
+    }
+}
+
+/// Resolves STUN server URLs off the async runtime (the lookup blocks).
+async fn resolve_stun(urls: &[String]) -> Vec<SocketAddr> {
+    let mut hosts = Vec::new();
+    for url in urls {
+        match stun_host(url) {
+            Some(h) => hosts.push(h),
+            None => tracing::warn!(%url, "webrtc: only stun: ICE servers are supported; skipped"),
+        }
+    }
+    if hosts.is_empty() {
+        return Vec::new();
+    }
+    let (tx, rx) = futures::channel::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::net::ToSocketAddrs;
+        let addrs: Vec<SocketAddr> = hosts
+            .iter()
+            .flat_map(|(h, p)| (h.as_str(), *p).to_socket_addrs().into_iter().flatten())
+            .collect();
+        let _ = tx.send(addrs);
+    });
+    rx.await.unwrap_or_default()
+}
+
+/// Asks each STUN server, from each host socket of the same address family, for the address
+/// it sees us at (RFC 8489 Binding, retried at 250 and 750 ms). Returns `(reflexive address,
+/// host address)` pairs that differ from the host address.
+async fn gather_reflexive(
+    rt: &Arc<dyn Runtime>,
+    sockets: &[Box<dyn Udp>],
+    locals: &[SocketAddr],
+    servers: &[SocketAddr],
+) -> Vec<(SocketAddr, SocketAddr)> {
+    use str0m::ice::StunMessage;
+    let mut asks = Vec::new(); // (socket index, server, transaction id)
+    for (i, local) in locals.iter().enumerate() {
+        for server in servers.iter().filter(|s| s.is_ipv4() == local.is_ipv4()) {
+            let mut id = [0u8; 12];
+            id.iter_mut().for_each(|b| *b = fastrand::u8(..));
+            asks.push((i, *server, id));
+        }
+    }
+    if asks.is_empty() {
+        return Vec::new();
+    }
+    let request = |id: &[u8; 12]| {
+        let mut r = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        r.extend_from_slice(id);
+        r
+    };
+    let mut found: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+    let mut answered = vec![false; asks.len()];
+    let started = Instant::now();
+    let mut buf = vec![0u8; 1500];
+    for round in [Duration::ZERO, Duration::from_millis(250), Duration::from_millis(750)] {
+        if answered.iter().all(|a| *a) || started.elapsed() >= STUN_TIMEOUT {
+            break;
+        }
+        for (k, (i, server, id)) in asks.iter().enumerate() {
+            if !answered[k] {
+                let _ = poll_fn(|cx| sockets[*i].poll_send_to(cx, &request(id), *server)).await;
+            }
+        }
+        let until = (round + Duration::from_millis(250)).max(Duration::from_millis(250));
+        let mut wait = rt.sleep(until.min(STUN_TIMEOUT.saturating_sub(started.elapsed())));
+        loop {
+            let got = poll_fn(|cx| {
+                for (i, s) in sockets.iter().enumerate() {
+                    if let Poll::Ready(Ok((n, from))) = s.poll_recv_from(cx, &mut buf) {
+                        return Poll::Ready(Some((i, n, from)));
+                    }
+                }
+                if wait.poll_unpin(cx).is_ready() { Poll::Ready(None) } else { Poll::Pending }
+            })
+            .await;
+            let Some((i, n, from)) = got else { break };
+            let Ok(msg) = StunMessage::parse(&buf[..n]) else { continue };
+            // The transaction id is bytes 8..20 of the header.
+            let tid = &buf[8..20];
+            let Some(k) =
+                asks.iter().position(|(si, srv, id)| *si == i && *srv == from && tid == id.as_slice())
+            else {
+                continue;
+            };
+            answered[k] = true;
+            if let Some(mapped) =
+                msg.mapped_address().filter(|m| *m != locals[i] && msg.is_successful_binding_response())
+            {
+                if !found.contains(&(mapped, locals[i])) {
+                    found.push((mapped, locals[i]));
+                }
+            }
+            if answered.iter().all(|a| *a) {
+                break;
+            }
+        }
+    }
+    tracing::debug!(?found, asked = asks.len(), "webrtc: server-reflexive candidates");
+    found
 }
 
 /// Runs a [`PeerTransport`] over UDP sockets until it closes: datagrams and timers in,
@@ -455,7 +585,9 @@ async fn answer(
     }
     let rt = server.rt.clone();
     let (sockets, locals) = bind(&*rt, &config.addresses())?;
-    let (t, sdp) = PeerTransport::answer(Instant::now(), &locals, &desc.sdp, cap(&server))
+    let servers = resolve_stun(&config.ice_servers).await;
+    let reflexive = gather_reflexive(&rt, &sockets, &locals, &servers).await;
+    let (t, sdp) = PeerTransport::answer(Instant::now(), &locals, &reflexive, &desc.sdp, cap(&server))
         .map_err(|e| Error::InvalidArgument(format!("webrtc: {e}")))?;
     let remote_max = t.remote_max_message();
     let workspace = server.lock().engine.connection_info().map(|i| i.workspace.clone()).unwrap_or_default();
@@ -555,7 +687,9 @@ impl Server {
         }
         let rt = self.inner.rt.clone();
         let (sockets, locals) = bind(&*rt, &config.addresses())?;
-        let (mut t, sdp, pending) = PeerTransport::offer(Instant::now(), &locals, &peer_id)
+        let servers = resolve_stun(&config.ice_servers).await;
+        let reflexive = gather_reflexive(&rt, &sockets, &locals, &servers).await;
+        let (mut t, sdp, pending) = PeerTransport::offer(Instant::now(), &locals, &reflexive, &peer_id)
             .map_err(|e| Error::Transport(format!("webrtc: {e}")))?;
         tracing::debug!(%sdp, "webrtc: our offer");
         let offer = Description { sdp, kind: "offer".into(), workspace: None };

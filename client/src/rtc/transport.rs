@@ -98,7 +98,11 @@ pub fn max_message_size(sdp: &str, cap: usize) -> usize {
     }
 }
 
-fn new_rtc(now: Instant, candidates: &[SocketAddr]) -> Result<Rtc, String> {
+fn new_rtc(
+    now: Instant,
+    candidates: &[SocketAddr],
+    reflexive: &[(SocketAddr, SocketAddr)],
+) -> Result<Rtc, String> {
     let mut builder = Rtc::builder()
         .set_sctp_max_message_size(LOCAL_MAX_MESSAGE)
         .set_sctp_max_buffered_amount(MAX_BUFFERED);
@@ -111,6 +115,14 @@ fn new_rtc(now: Instant, candidates: &[SocketAddr]) -> Result<Rtc, String> {
     for addr in candidates {
         let c = Candidate::host(*addr, "udp").map_err(|e| format!("bad local candidate {addr}: {e}"))?;
         rtc.add_local_candidate(c);
+    }
+    for (addr, base) in reflexive {
+        match Candidate::server_reflexive(*addr, *base, "udp") {
+            Ok(c) => {
+                rtc.add_local_candidate(c);
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "webrtc: skipped a reflexive candidate"),
+        }
     }
     Ok(rtc)
 }
@@ -131,15 +143,17 @@ impl PeerTransport {
         }
     }
 
-    /// The offering side: a connection with host candidates `candidates` and one ordered,
-    /// reliable data channel labelled `label`. Returns the SDP offer to send; give the
+    /// The offering side: a connection with host candidates `candidates` (and server-reflexive
+    /// ones, `(address, host address it maps)`) and one ordered, reliable data channel
+    /// labelled `label`. Returns the SDP offer to send; give the
     /// answer to [`PeerTransport::accept_answer`].
     pub fn offer(
         now: Instant,
         candidates: &[SocketAddr],
+        reflexive: &[(SocketAddr, SocketAddr)],
         label: &str,
     ) -> Result<(Self, String, PendingOffer), String> {
-        let mut rtc = new_rtc(now, candidates)?;
+        let mut rtc = new_rtc(now, candidates, reflexive)?;
         let mut api = rtc.sdp_api();
         api.add_channel_with_config(ChannelConfig {
             label: label.into(),
@@ -184,12 +198,13 @@ impl PeerTransport {
     pub fn answer(
         now: Instant,
         candidates: &[SocketAddr],
+        reflexive: &[(SocketAddr, SocketAddr)],
         offer: &str,
         cap: usize,
     ) -> Result<(Self, String), String> {
         let parsed =
             SdpOffer::from_sdp_string(offer).map_err(|e| format!("the offer is not valid SDP: {e}"))?;
-        let mut rtc = new_rtc(now, candidates)?;
+        let mut rtc = new_rtc(now, candidates, reflexive)?;
         let answer = rtc.sdp_api().accept_offer(parsed).map_err(|e| format!("the offer was refused: {e}"))?;
         let mut t = Self::wrap(rtc);
         t.remote_max = max_message_size(offer, cap);
@@ -445,6 +460,16 @@ mod tests {
         assert_eq!(max_message_size("a=max-message-size:junk\r\n", cap), 65_536);
     }
 
+    #[test]
+    fn reflexive_candidates_are_offered_with_their_base() {
+        let host: SocketAddr = "10.0.0.5:40001".parse().unwrap();
+        let public: SocketAddr = "203.0.113.9:61000".parse().unwrap();
+        let (_, offer, _) = PeerTransport::offer(Instant::now(), &[host], &[(public, host)], "p").unwrap();
+        assert!(offer.contains("10.0.0.5 40001 typ host"), "{offer}");
+        // str0m does not reveal the base (raddr 0.0.0.0), as browsers do not.
+        assert!(offer.contains("203.0.113.9 61000 typ srflx"), "{offer}");
+    }
+
     /// Moves datagrams between two transports, advancing a virtual clock to the next deadline
     /// when nothing moves. Returns the events of each side.
     fn pump(
@@ -489,8 +514,8 @@ mod tests {
         let mut now = Instant::now();
         let (ha, hb): (SocketAddr, SocketAddr) =
             ("127.0.0.1:40001".parse().unwrap(), "127.0.0.1:40002".parse().unwrap());
-        let (mut a, offer, pending) = PeerTransport::offer(now, &[ha], "peer-1").unwrap();
-        let (mut b, answer) = PeerTransport::answer(now, &[hb], &offer, 16 << 20).unwrap();
+        let (mut a, offer, pending) = PeerTransport::offer(now, &[ha], &[], "peer-1").unwrap();
+        let (mut b, answer) = PeerTransport::answer(now, &[hb], &[], &offer, 16 << 20).unwrap();
         a.accept_answer(now, pending, &answer, 16 << 20).unwrap();
         assert_eq!(a.remote_max_message(), LOCAL_MAX_MESSAGE as usize);
         assert!(
