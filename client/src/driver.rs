@@ -459,10 +459,13 @@ impl Inner {
         }
     }
 
+    /// Keeps the timer when it fires no later than the new deadline (an early wake-up only
+    /// costs a check): the engine's earliest deadline moves with almost every call
+    /// (heartbeats, timeouts), and a runtime timer per move is most of a call's overhead.
     fn arm(&self, timer: &mut Option<(Instant, BoxFuture<'static, ()>)>, deadline: Option<Instant>) {
         match deadline {
             None => *timer = None,
-            Some(d) if timer.as_ref().is_some_and(|(t, _)| *t == d) => {}
+            Some(d) if timer.as_ref().is_some_and(|(t, _)| *t <= d) => {}
             Some(d) => {
                 let wait = d.saturating_duration_since(self.now());
                 *timer = Some((d, self.rt.sleep(wait)));

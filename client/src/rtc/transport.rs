@@ -55,7 +55,7 @@ pub struct Datagram {
     pub contents: Vec<u8>,
 }
 
-/// One peer connection with one data channel. See the [module docs](self).
+/// One peer connection with one data channel: the sans-IO core of [`crate::rtc`].
 pub struct PeerTransport {
     rtc: Rtc,
     channel: Option<ChannelId>,
