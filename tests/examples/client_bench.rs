@@ -42,6 +42,8 @@ struct Figures {
     echo_p99_s: f64,
     seq_calls_per_s: f64,
     cpu_per_call_s: f64,
+    /// The kernel's share of `cpu_per_call_s` (Rust only: what syscalls cost).
+    sys_per_call_s: f64,
     par16_calls_per_s: f64,
     /// (MB, seconds, peak RSS growth in KiB) per big echo.
     big: Vec<(u32, f64, u64)>,
@@ -50,13 +52,13 @@ struct Figures {
     idle_rss_kib: u64,
 }
 
-/// CPU time (user + system) of this process so far, in seconds.
-fn cpu_s() -> f64 {
+/// CPU time of this process so far, in seconds: (user + system, system).
+fn cpu_s() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15), in USER_HZ = 100
+    ((ticks(11) + ticks(12)) / 100.0, ticks(12) / 100.0) // utime, stime (fields 14, 15), USER_HZ = 100
 }
 
 /// Resets this process's peak RSS (`/proc/self/clear_refs`), returns the current RSS.
@@ -114,7 +116,9 @@ async fn rust_side(url: &str, seconds: f64) -> Figures {
         let _: String = svc.call("echo", ("hello",)).await.unwrap();
         lat.push(t.elapsed().as_secs_f64());
     }
-    f.cpu_per_call_s = (cpu_s() - cpu0) / lat.len() as f64;
+    let cpu1 = cpu_s();
+    f.cpu_per_call_s = (cpu1.0 - cpu0.0) / lat.len() as f64;
+    f.sys_per_call_s = (cpu1.1 - cpu0.1) / lat.len() as f64;
     lat.sort_by(f64::total_cmp);
     f.echo_median_s = lat[lat.len() / 2];
     f.echo_p99_s = lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)];
@@ -232,6 +236,7 @@ fn parse_figures(stdout: &str) -> Option<Figures> {
         echo_p99_s: g("echo_p99_s"),
         seq_calls_per_s: g("seq_calls_per_s"),
         cpu_per_call_s: g("cpu_per_call_s"),
+        sys_per_call_s: f64::NAN,
         par16_calls_per_s: g("par16_calls_per_s"),
         big,
         gen_items_per_s: g("gen_items_per_s"),
@@ -309,6 +314,10 @@ fn main() {
         jc(&|j| format!("{:.1} µs", us(j))),
         us(&py) / us(&rust),
         jc(&|j| format!("{:.1}× less", us(j) / us(&rust)))
+    );
+    println!(
+        "| … of which in the kernel (loopback TCP, epoll, futex) | {:.1} µs | | | | |",
+        rust.sys_per_call_s * 1e6
     );
     rate_row("generator items/s (one pull at a time)", |f| f.gen_items_per_s);
     let pre = rust.gen_prefetch_items_per_s;
