@@ -29,47 +29,7 @@ import time
 
 from hypha_rpc import connect_to_server
 
-STATE = {"cb_calls": 0}
-
-
-def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def pattern(n):
-    block = bytes(range(251))
-    return (block * (n // 251 + 1))[:n]
-
-
-def plain(x):
-    """A JSON form of a result (maps arrive as ObjectProxy, hence dict.items)."""
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in dict.items(x)}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        b = bytes(x)
-        return {"$len": len(b), "$sha256": hashlib.sha256(b).hexdigest()}
-    return x
-
-
-def decode_arg(x):
-    if isinstance(x, dict):
-        if set(x) == {"$pattern"}:
-            return pattern(x["$pattern"])
-        if set(x) == {"$cb"}:
-            assert x["$cb"] == "triple"
-
-            async def triple(v):
-                STATE["cb_calls"] += 1
-                return v * 3
-
-            return triple
-        return {k: decode_arg(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [decode_arg(v) for v in x]
-    return x
+from peer_util import CALLS, decode_arg, emit, pattern, plain  # noqa: E402,F401
 
 
 # ---- the Python service (Rust calls Python) -----------------------------------------------
@@ -157,7 +117,7 @@ async def handle(ctx, msg):
         fn = getattr(ctx["remote"][msg["alias"]], msg["method"])
         return await capture(fn(*decode_arg(msg.get("args", []))))
     if cmd == "cb_calls":
-        return {"ok": STATE["cb_calls"]}
+        return {"ok": CALLS["cb_calls"]}
     raise ValueError(f"unknown command {cmd}")
 
 

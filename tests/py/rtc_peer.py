@@ -78,7 +78,9 @@ from hypha_rpc.webrtc_client import get_rtc_service  # noqa: E402
 
 ICE = {"ice_servers": [{"urls": []}]}
 DEBUG = os.environ.get("RTC_PEER_DEBUG") == "1"
-STATE = {"cb_calls": 0, "sdp": []}
+from peer_util import CALLS, decode_arg, emit, pattern, plain  # noqa: E402,F401
+
+STATE = {"sdp": []}
 
 
 def _log_sdp(direction, desc):
@@ -105,48 +107,6 @@ async def _set_remote(self, description):
 
 aiortc.RTCPeerConnection.setLocalDescription = _set_local
 aiortc.RTCPeerConnection.setRemoteDescription = _set_remote
-
-
-def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def pattern(n):
-    block = bytes(range(251))
-    return (block * (n // 251 + 1))[:n]
-
-
-def plain(x):
-    """A JSON-safe form of a value (maps arrive as ObjectProxy, hence dict.items)."""
-    if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in dict.items(x)}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        b = bytes(x)
-        return {"$len": len(b), "$sha256": hashlib.sha256(b).hexdigest()}
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return repr(x)
-
-
-def decode_arg(x):
-    if isinstance(x, dict):
-        if set(x) == {"$pattern"}:
-            return pattern(x["$pattern"])
-        if set(x) == {"$cb"}:
-            assert x["$cb"] == "triple"
-
-            async def triple(v):
-                STATE["cb_calls"] += 1
-                return v * 3
-
-            return triple
-        return {k: decode_arg(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [decode_arg(v) for v in x]
-    return x
 
 
 # ---- the Python service ---------------------------------------------------------------------
@@ -257,7 +217,7 @@ async def handle(ctx, msg):
     if cmd == "token":
         return {"ok": await ctx["server"].generate_token(msg.get("config") or {})}
     if cmd == "cb_calls":
-        return {"ok": STATE["cb_calls"]}
+        return {"ok": CALLS["cb_calls"]}
     if cmd == "sdp":
         return {"ok": STATE["sdp"]}
     if cmd == "close":
