@@ -168,6 +168,33 @@ enum LinkCmd {
 /// Datagrams taken from a socket per wake-up, at most.
 const MAX_BURST: usize = 64;
 
+/// Stop reading datagrams while this much received data waits for the driver: the peer then
+/// meets SCTP's flow control, and a slow engine never makes us hold an unbounded queue.
+const MAX_INBOUND: usize = 8 * 1024 * 1024;
+
+/// Received bytes the pump handed over and the driver has not taken yet.
+#[derive(Default)]
+struct Inbound {
+    bytes: std::sync::atomic::AtomicUsize,
+    /// The pump, waiting for the driver to take some.
+    waker: futures::task::AtomicWaker,
+}
+
+impl Inbound {
+    fn full(&self) -> bool {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire) >= MAX_INBOUND
+    }
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+    fn take(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        if before >= MAX_INBOUND && before - n < MAX_INBOUND {
+            self.waker.wake();
+        }
+    }
+}
+
 /// Stop reading the driver's messages while this much waits for the channel.
 const MAX_QUEUED: usize = 2 * 1024 * 1024;
 
@@ -316,6 +343,7 @@ async fn pump(
     locals: Vec<SocketAddr>,
     mut cmds: mpsc::Receiver<LinkCmd>,
     events: mpsc::UnboundedSender<TransportEvent>,
+    inbound: Arc<Inbound>,
 ) {
     enum Wake {
         Datagram(usize, usize, SocketAddr),
@@ -335,6 +363,9 @@ async fn pump(
         let mut closed = false;
         while let Some(e) = t.poll_event() {
             closed |= matches!(e, TransportEvent::Closed { .. });
+            if let TransportEvent::Message(m) = &e {
+                inbound.add(m.len());
+            }
             let _ = events.unbounded_send(e);
         }
         if closed {
@@ -350,7 +381,10 @@ async fn pump(
         }
         let take_cmds = cmds_open && t.queued_bytes() < MAX_QUEUED;
         let wake = poll_fn(|cx| {
-            for (i, s) in sockets.iter().enumerate() {
+            // While the driver is behind, datagrams wait in the kernel (and then the peer).
+            inbound.waker.register(cx.waker());
+            let readable = if inbound.full() { &sockets[..0] } else { &sockets[..] };
+            for (i, s) in readable.iter().enumerate() {
                 loop {
                     match s.poll_recv_from(cx, &mut buf) {
                         Poll::Ready(Ok((n, from))) => return Poll::Ready(Wake::Datagram(i, n, from)),
@@ -382,6 +416,9 @@ async fn pump(
                 let waker = futures::task::noop_waker();
                 let mut cx = TaskContext::from_waker(&waker);
                 for _ in 0..MAX_BURST {
+                    if inbound.full() {
+                        break;
+                    }
                     match sockets[i].poll_recv_from(&mut cx, &mut buf) {
                         Poll::Ready(Ok((n, from))) => t.handle_datagram(now, from, locals[i], &buf[..n]),
                         _ => break,
@@ -407,6 +444,7 @@ async fn pump(
 /// The data channel as the driver sees a transport: a stream of messages and a sink for ours.
 struct ChannelLink {
     events: mpsc::UnboundedReceiver<TransportEvent>,
+    inbound: Arc<Inbound>,
     cmds: mpsc::Sender<LinkCmd>,
 }
 
@@ -415,7 +453,10 @@ impl Stream for ChannelLink {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
         loop {
             return match self.events.poll_next_unpin(cx) {
-                Poll::Ready(Some(TransportEvent::Message(b))) => Poll::Ready(Some(Ok(Message::Binary(b)))),
+                Poll::Ready(Some(TransportEvent::Message(b))) => {
+                    self.inbound.take(b.len());
+                    Poll::Ready(Some(Ok(Message::Binary(b))))
+                }
                 Poll::Ready(Some(TransportEvent::Closed { reason })) => Poll::Ready(Some(Err(reason))),
                 Poll::Ready(Some(TransportEvent::Open { .. })) => continue,
                 Poll::Ready(None) => Poll::Ready(None),
@@ -469,11 +510,12 @@ async fn open(
 ) -> Result<(String, ChannelLink)> {
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (ev_tx, mut ev_rx) = mpsc::unbounded();
-    rt.spawn(Box::pin(pump(rt.clone(), t, sockets, locals, cmd_rx, ev_tx)));
+    let inbound = Arc::new(Inbound::default());
+    rt.spawn(Box::pin(pump(rt.clone(), t, sockets, locals, cmd_rx, ev_tx, inbound.clone())));
     let first = futures::future::select(ev_rx.next(), rt.sleep(timeout)).await;
     match first {
         Either::Left((Some(TransportEvent::Open { label }), _)) => {
-            Ok((label, ChannelLink { events: ev_rx, cmds: cmd_tx }))
+            Ok((label, ChannelLink { events: ev_rx, inbound, cmds: cmd_tx }))
         }
         Either::Left((Some(TransportEvent::Closed { reason }), _)) => {
             Err(Error::Transport(format!("webrtc: the peer connection failed: {reason}")))
@@ -767,5 +809,45 @@ impl Server {
 impl Inner {
     fn rtc_peers(&self) -> std::sync::MutexGuard<'_, HashMap<String, RtcPeer>> {
         self.rtc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_pump_stops_reading_at_the_inbound_cap_and_is_woken_below_it() {
+        let inbound = Inbound::default();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        inbound.waker.register(&std::task::Waker::from(count.clone()));
+        inbound.add(MAX_INBOUND - 1);
+        assert!(!inbound.full());
+        inbound.add(2);
+        assert!(inbound.full(), "at the cap the pump stops reading datagrams");
+        inbound.take(1);
+        assert!(inbound.full());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "still at the cap: no wake-up");
+        inbound.take(1);
+        assert!(!inbound.full());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the driver took enough: the pump reads again");
+    }
+
+    #[test]
+    fn stun_urls_parse_as_hypha_rpc_writes_them() {
+        assert_eq!(stun_host("stun:stun.l.google.com:19302"), Some(("stun.l.google.com".into(), 19302)));
+        assert_eq!(stun_host("stun:127.0.0.1"), Some(("127.0.0.1".into(), 3478)));
+        assert_eq!(stun_host("stun:[::1]:3479"), Some(("::1".into(), 3479)));
+        assert_eq!(stun_host("turn:relay.example:3478"), None);
+        assert_eq!(stun_host("stun:host:notaport"), None);
     }
 }
