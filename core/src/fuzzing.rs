@@ -46,6 +46,13 @@ fn check_typed(v: &Value) {
 /// timeouts. Nothing may panic, every frame error is a value, and the engine's state stays
 /// within its `Limits`.
 pub fn engine_frames(data: &[u8]) {
+    engine_frames_on(data, false);
+    // The same frames on a peer link (a WebRTC data channel): no server rewrites them, and the
+    // engine must still hold its caps and never believe the peer's own `from`/`ws`/`user`.
+    engine_frames_on(data, true);
+}
+
+fn engine_frames_on(data: &[u8], peer: bool) {
     use crate::service::{FunctionSpec, ServiceSpec, Visibility};
     use crate::time::{Duration, Instant};
     use crate::{Engine, EngineConfig, Event};
@@ -58,6 +65,14 @@ pub fn engine_frames(data: &[u8]) {
     // Off, so that far in the future no fresh check call is pending (the check has its own
     // tests); the registrations still happen.
     config.registration_check_interval = None;
+    if peer {
+        config.peer = Some(crate::PeerLink {
+            workspace: "ws-user-anonymouz-hyper-titanium-83345890".into(),
+            peer_workspace: "ws-other".into(),
+            peer_user: crate::Value::Nil,
+        });
+        config.transport_max_message = 65_536;
+    }
     let limits = config.limits.clone();
     let mut now = Instant::from_micros(1);
     let mut engine = Engine::new(config, now);

@@ -618,6 +618,10 @@ impl Engine {
 
     /// A text frame from the transport.
     pub fn handle_text(&mut self, now: Instant, text: &str) -> Result<(), InputError> {
+        if self.config.peer.is_some() {
+            // Control messages come from a server; a peer has no say in them.
+            return Err(InputError::Unexpected("a text frame on a peer link"));
+        }
         if text.len() > self.config.limits.max_frame_bytes {
             return Err(InputError::BadText("text frame too large".into()));
         }
