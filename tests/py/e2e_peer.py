@@ -22,14 +22,12 @@ answer is one stdout line with the same "id". Commands run concurrently:
 """
 import asyncio
 import hashlib
-import json
-import os
 import sys
 import time
 
 from hypha_rpc import connect_to_server
 
-from peer_util import CALLS, decode_arg, emit, pattern, plain  # noqa: E402,F401
+from peer_util import CALLS, decode_arg, emit, pattern, plain, serve_lines  # noqa: E402,F401
 
 
 # ---- the Python service (Rust calls Python) -----------------------------------------------
@@ -152,25 +150,13 @@ async def main(url, workspace, token):
         }
     )
     ctx = {"peer": peer, "base": base, "remote": {}}
-    tasks = set()
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            break
-        msg = json.loads(line)
-        if msg["cmd"] == "leave":
-            if "short" in ctx:
-                await ctx["short"].disconnect()
-            await peer.disconnect()
-            emit({"id": msg["id"], "left": True})
-            break
-        t = asyncio.create_task(run_one(ctx, msg))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-    sys.stdout.flush()
-    os._exit(0)
 
+    async def leave():
+        if "short" in ctx:
+            await ctx["short"].disconnect()
+        await peer.disconnect()
+
+    await serve_lines(lambda msg: run_one(ctx, msg), leave)
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -1,8 +1,10 @@
 # What the line-driven Python test peers share (tests/py/e2e_peer.py, tests/py/rtc_peer.py):
 # JSON-line output, the byte pattern every test peer agrees on, JSON-safe results, and the
 # argument markers the Rust tests send ({"$pattern": N}, {"$cb": "triple"}).
+import asyncio
 import hashlib
 import json
+import os
 import sys
 
 # Calls of the "triple" callbacks handed out by decode_arg.
@@ -52,3 +54,26 @@ def decode_arg(x):
     if isinstance(x, list):
         return [decode_arg(v) for v in x]
     return x
+
+
+async def serve_lines(run_one, leave):
+    """Reads one JSON command per stdin line and runs each as a task with run_one(msg); on
+    {"cmd": "leave"} awaits leave(), answers {"id", "left": true} and exits the process."""
+    tasks = set()
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        if msg.get("cmd") == "leave":
+            await leave()
+            emit({"id": msg.get("id"), "left": True})
+            break
+        t = asyncio.create_task(run_one(msg))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+    sys.stdout.flush()
+    os._exit(0)

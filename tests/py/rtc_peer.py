@@ -78,7 +78,7 @@ from hypha_rpc.webrtc_client import get_rtc_service  # noqa: E402
 
 ICE = {"ice_servers": [{"urls": []}]}
 DEBUG = os.environ.get("RTC_PEER_DEBUG") == "1"
-from peer_util import CALLS, decode_arg, emit, pattern, plain  # noqa: E402,F401
+from peer_util import CALLS, decode_arg, emit, pattern, plain, serve_lines  # noqa: E402,F401
 
 STATE = {"sdp": []}
 
@@ -286,33 +286,19 @@ async def main(argv):
         }
     )
     ctx = {"server": server, "remote": {}, "peers": {}, "method_timeout": a.method_timeout}
-    tasks = set()
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            break
-        if not line.strip():
-            continue
-        msg = json.loads(line)
-        if msg.get("cmd") == "leave":
-            for peer in list(ctx["peers"].values()):
-                try:
-                    await asyncio.wait_for(peer.close(), 5)
-                except Exception:  # noqa: BLE001
-                    pass
+
+    async def leave():
+        for peer in list(ctx["peers"].values()):
             try:
-                await asyncio.wait_for(server.disconnect(), 5)
+                await asyncio.wait_for(peer.close(), 5)
             except Exception:  # noqa: BLE001
                 pass
-            emit({"id": msg.get("id"), "left": True})
-            break
-        t = asyncio.create_task(run_one(ctx, msg))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-    sys.stdout.flush()
-    os._exit(0)
+        try:
+            await asyncio.wait_for(server.disconnect(), 5)
+        except Exception:  # noqa: BLE001
+            pass
 
+    await serve_lines(lambda msg: run_one(ctx, msg), leave)
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1:]))
