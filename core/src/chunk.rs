@@ -5,7 +5,7 @@
 //! growing buffer and its frame is released at once: a 50 MB message costs about 50 MB, not
 //! the chunks plus a copy. Out-of-order chunks wait, bounded, until the gap fills.
 
-use alloc::collections::BTreeMap;
+use crate::vecmap::VecMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use bytes::Bytes;
@@ -26,7 +26,7 @@ struct Partial {
     /// The index the next in-order chunk must have.
     next: u64,
     /// Chunks that arrived ahead of `next`.
-    waiting: BTreeMap<u64, Bytes>,
+    waiting: VecMap<u64, Bytes>,
     waiting_bytes: usize,
     last_activity: Instant,
 }
@@ -34,7 +34,7 @@ struct Partial {
 /// Every partial message being uploaded to us.
 #[derive(Debug, Default)]
 pub(crate) struct Reassembly {
-    partials: BTreeMap<String, Partial>,
+    partials: VecMap<String, Partial>,
 }
 
 impl Reassembly {
@@ -75,7 +75,7 @@ impl Reassembly {
             owner: owner.into(),
             data: Vec::new(),
             next: 0,
-            waiting: BTreeMap::new(),
+            waiting: VecMap::new(),
             waiting_bytes: 0,
             last_activity: now,
         };
@@ -95,7 +95,7 @@ impl Reassembly {
     ) -> Result<(), ChunkError> {
         let total_held = self.bytes();
         let p = self.owned(key, owner)?;
-        let index = index.unwrap_or_else(|| p.waiting.keys().next_back().map_or(p.next, |k| k + 1));
+        let index = index.unwrap_or_else(|| p.waiting.last_key().map_or(p.next, |k| k + 1));
         if index >= limits.max_chunks_per_message as u64 {
             return Err(ChunkError(alloc::format!(
                 "chunk index {index} is over the limit of {}",
@@ -128,12 +128,24 @@ impl Reassembly {
             }
             p.data.extend_from_slice(&data);
             p.next += 1;
-            while let Some(d) = p.waiting.remove(&p.next) {
+            let mut expect = p.next;
+            for (_, d) in p.waiting.drain_first_while(|&k| {
+                let next = k == expect;
+                expect += 1;
+                next
+            }) {
                 p.waiting_bytes -= d.len();
                 p.data.extend_from_slice(&d);
                 p.next += 1;
             }
         } else {
+            if p.waiting.len() >= limits.max_waiting_chunks {
+                return Err(ChunkError(alloc::format!(
+                    "more than {} chunks of {key} arrived ahead of chunk {}",
+                    limits.max_waiting_chunks,
+                    p.next
+                )));
+            }
             p.waiting_bytes += data.len();
             p.waiting.insert(index, data);
         }
@@ -233,5 +245,24 @@ mod tests {
         assert!(r.create(t, "c", "ws/a", false, &l).is_err(), "partial cap");
         assert_eq!(r.expire(t + l.partial_message_expiry, &l), 2);
         let _ = Duration::ZERO;
+    }
+
+    #[test]
+    fn chunks_ahead_of_a_gap_are_capped_and_fill_in_order() {
+        let l = Limits { max_waiting_chunks: 3, max_chunks_per_message: 100, ..Limits::default() };
+        let t = Instant::ZERO;
+        let mut r = Reassembly::default();
+        r.create(t, "k", "ws/a", false, &l).unwrap();
+        for i in [4u8, 2, 3] {
+            r.add(t, "k", "ws/a", Some(i.into()), Bytes::from(alloc::vec![b'0' + i]), &l).unwrap();
+        }
+        let err = r.add(t, "k", "ws/a", Some(6), Bytes::from_static(b"6"), &l).unwrap_err();
+        assert!(err.0.contains("ahead of chunk 0"), "{}", err.0);
+        r.add(t, "k", "ws/a", Some(0), Bytes::from_static(b"0"), &l).unwrap();
+        // 2..=4 wait behind the gap at 1; filling it drains them all, then 5 is next.
+        r.add(t, "k", "ws/a", Some(1), Bytes::from_static(b"1"), &l).unwrap();
+        assert_eq!(r.bytes(), 5);
+        r.add(t, "k", "ws/a", None, Bytes::from_static(b"5"), &l).unwrap();
+        assert_eq!(&r.take("k", "ws/a").unwrap()[..], b"012345");
     }
 }

@@ -7,7 +7,9 @@
 //! nothing, so dropping it keeps the sequence intact; the reader then falls back to one pull
 //! at a time.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::VecDeque;
+
+use crate::vecmap::VecMap;
 
 use crate::codec::rtype::Generator;
 use crate::engine::is_stop_iteration;
@@ -28,7 +30,7 @@ pub struct GeneratorReader {
     generator: Generator,
     window: usize,
     in_flight: VecDeque<CallId>,
-    ready: BTreeMap<CallId, Result<Value, CallError>>,
+    ready: VecMap<CallId, Result<Value, CallError>>,
     finished: bool,
 }
 
@@ -39,7 +41,7 @@ impl GeneratorReader {
             generator,
             window: prefetch.max(1),
             in_flight: VecDeque::new(),
-            ready: BTreeMap::new(),
+            ready: VecMap::new(),
             finished: false,
         }
     }

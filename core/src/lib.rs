@@ -52,6 +52,7 @@ mod serde_impl;
 pub mod service;
 pub mod time;
 pub mod value;
+mod vecmap;
 
 pub use connection::ConnectionInfo;
 pub use engine::{CallOptions, Engine, EngineConfig, PeerLink};

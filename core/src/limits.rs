@@ -45,6 +45,9 @@ pub struct Limits {
     pub max_reassembly_bytes: usize,
     /// Most chunks in one message (chunk indices above are refused). Default 65 536.
     pub max_chunks_per_message: usize,
+    /// Most chunks of one message held ahead of a missing one. Senders upload a few chunks at
+    /// a time (Python's `hypha-rpc` up to 30), so only a hostile peer comes near it. Default 1024.
+    pub max_waiting_chunks: usize,
     /// Most messages being uploaded to us at once. Default 64.
     pub max_partial_messages: usize,
     /// A partial message with no new chunk for this long is dropped (its sender vanished).
@@ -87,6 +90,7 @@ impl Default for Limits {
             max_message_bytes: 256 * 1024 * 1024,
             max_reassembly_bytes: 512 * 1024 * 1024,
             max_chunks_per_message: 65_536,
+            max_waiting_chunks: 1024,
             max_partial_messages: 64,
             partial_message_expiry: Duration::from_secs(120),
             max_exports: 1024,

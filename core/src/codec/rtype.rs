@@ -10,8 +10,8 @@
 //! it as [`RType::Custom`]. Users add their own types with [`RTypeCodec`] and, for dynamic
 //! dispatch by name, [`Codecs`].
 
+use crate::vecmap::VecMap;
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use bytes::{Bytes, BytesMut};
@@ -743,7 +743,7 @@ type DecodeFn = fn(&Map) -> Result<Box<dyn Any + Send>, RTypeError>;
 /// ```
 #[derive(Default, Clone)]
 pub struct Codecs {
-    by_name: BTreeMap<&'static str, DecodeFn>,
+    by_name: VecMap<&'static str, DecodeFn>,
 }
 
 /// What [`Codecs::decode`] made of a typed map.

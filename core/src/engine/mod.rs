@@ -26,7 +26,9 @@
 //! ```
 
 use alloc::boxed::Box;
-use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::collections::VecDeque;
+
+use crate::vecmap::{VecMap, VecSet};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec;
@@ -262,10 +264,10 @@ pub struct Engine {
     services: Vec<ServiceSpec>,
     deferred_registrations: Vec<(CallId, String)>,
     deferred_unregistrations: Vec<String>,
-    sessions: BTreeMap<String, Pending>,
-    deadlines: BTreeSet<(Instant, String)>,
-    active: BTreeMap<InvokeId, Active>,
-    beats: BTreeSet<(Instant, InvokeId)>,
+    sessions: VecMap<String, Pending>,
+    deadlines: VecSet<(Instant, String)>,
+    active: VecMap<InvokeId, Active>,
+    beats: VecSet<(Instant, InvokeId)>,
     next_call: u64,
     next_invoke: u64,
     transmits: VecDeque<Transmit>,
@@ -279,10 +281,10 @@ pub struct Engine {
     ever_ready: bool,
     me: Str,
     reassembly: Reassembly,
-    uploads: BTreeMap<u64, Upload>,
+    uploads: VecMap<u64, Upload>,
     next_upload: u64,
-    exports: BTreeMap<String, Export>,
-    interfaces: BTreeMap<String, Interface>,
+    exports: VecMap<String, Export>,
+    interfaces: VecMap<String, Interface>,
     crypto: Option<CryptoSlot>,
     /// The caller's key of the incoming call being handled, when it came encrypted.
     incoming_key: Option<[u8; KEY_LEN]>,
@@ -323,10 +325,10 @@ impl Engine {
             services: Vec::new(),
             deferred_registrations: Vec::new(),
             deferred_unregistrations: Vec::new(),
-            sessions: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
-            active: BTreeMap::new(),
-            beats: BTreeSet::new(),
+            sessions: VecMap::new(),
+            deadlines: VecSet::new(),
+            active: VecMap::new(),
+            beats: VecSet::new(),
             next_call: 0,
             next_invoke: 0,
             transmits: VecDeque::new(),
@@ -338,10 +340,10 @@ impl Engine {
             ever_ready: false,
             me: Str::default(),
             reassembly: Reassembly::default(),
-            uploads: BTreeMap::new(),
+            uploads: VecMap::new(),
             next_upload: 0,
-            exports: BTreeMap::new(),
-            interfaces: BTreeMap::new(),
+            exports: VecMap::new(),
+            interfaces: VecMap::new(),
             crypto: None,
             incoming_key: None,
         }
@@ -1104,7 +1106,7 @@ impl Engine {
                 let old_manager = old.manager_address();
                 let dead = self.sessions_where(|p| p.target == old_manager);
                 for s in dead {
-                    let p = &self.sessions[&s];
+                    let Some(p) = self.sessions.get(&s) else { continue };
                     let err =
                         CallError::ServerRestarted { target: p.target.clone(), method: p.method.clone() };
                     self.settle(now, s, Err(err));
