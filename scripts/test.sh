@@ -43,7 +43,7 @@ ci/nostd-check/run.sh
 
 step "fuzz smoke: each target ${FUZZ_SECONDS:-20} s on stable (cargo fuzz -s none)"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
-for target in frame_decode engine_frames chunk_reassembly e2e_envelope; do
+for target in frame_decode engine_frames chunk_reassembly e2e_envelope json_text; do
   scratch="$(mktemp -d)"   # new inputs go here; the committed corpus is only read
   (cd fuzz && cargo fuzz run -s none "$target" "$scratch" "corpus/$target" -- \
       -max_total_time="${FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -print_final_stats=1 2>&1 \

@@ -1,14 +1,13 @@
 //! The connection handshake and the JSON text control messages (PROTOCOL.md §2).
 //!
 //! Text frames carry only control messages; everything RPC is binary. We write them exactly as
-//! Python's `json.dumps` does (`{"type": "ping"}`), and read them with serde_json.
+//! Python's `json.dumps` does (`{"type": "ping"}`), and read them with [`crate::json`].
 
 use alloc::string::{String, ToString};
-use alloc::vec::Vec;
 use core::fmt::Write;
 
 use crate::error::ConnectError;
-use crate::{Map, Value};
+use crate::{Limits, Map, Value};
 
 /// What the server says about us in `connection_info`, after a successful handshake.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,8 +38,8 @@ impl ConnectionInfo {
         alloc::format!("*/{}", self.manager_id)
     }
 
-    pub(crate) fn parse(map: &serde_json::Map<String, serde_json::Value>) -> Result<Self, ConnectError> {
-        let s = |k: &str| map.get(k).and_then(|v| v.as_str()).map(String::from);
+    pub(crate) fn parse(map: &Map) -> Result<Self, ConnectError> {
+        let s = |k: &str| map.get(k).and_then(Value::as_str).map(String::from);
         let need =
             |k: &'static str| s(k).ok_or_else(|| ConnectError::BadConnectionInfo(alloc::format!("no `{k}`")));
         Ok(ConnectionInfo {
@@ -50,9 +49,9 @@ impl ConnectionInfo {
             manager_id: need("manager_id")?,
             workspace: need("workspace")?,
             client_id: need("client_id")?,
-            user: map.get("user").map(json_to_value).unwrap_or_default(),
+            user: map.get("user").cloned().unwrap_or_default(),
             reconnection_token: s("reconnection_token"),
-            reconnection_token_life_time: map.get("reconnection_token_life_time").and_then(|v| v.as_f64()),
+            reconnection_token_life_time: map.get("reconnection_token_life_time").and_then(Value::as_f64),
         })
     }
 }
@@ -60,24 +59,21 @@ impl ConnectionInfo {
 /// A JSON control message the server sent, as far as the engine cares.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Control {
-    ConnectionInfo(serde_json::Map<String, serde_json::Value>),
+    ConnectionInfo(Map),
     Error(String),
     Pong,
     ReconnectionToken(String),
     Other,
 }
 
-pub(crate) fn parse_control(text: &str) -> Result<Control, String> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let serde_json::Value::Object(map) = v else { return Err("not a JSON object".into()) };
-    let kind = map.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+pub(crate) fn parse_control(text: &str, limits: &Limits) -> Result<Control, String> {
+    let Value::Map(map) = crate::json::parse(text, limits)? else { return Err("not a JSON object".into()) };
+    let kind = map.get("type").and_then(Value::as_str).unwrap_or_default();
     Ok(match kind {
         "connection_info" => Control::ConnectionInfo(map),
-        "error" => {
-            Control::Error(map.get("message").and_then(|m| m.as_str()).unwrap_or_default().to_string())
-        }
+        "error" => Control::Error(map.get("message").and_then(Value::as_str).unwrap_or_default().to_string()),
         "pong" => Control::Pong,
-        "reconnection_token" => match map.get("reconnection_token").and_then(|t| t.as_str()) {
+        "reconnection_token" => match map.get("reconnection_token").and_then(Value::as_str) {
             Some(t) => Control::ReconnectionToken(t.into()),
             None => return Err("reconnection_token without a token".into()),
         },
@@ -155,24 +151,6 @@ pub fn json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// A JSON value as a msgpack [`Value`] (integers stay integers, objects keep their keys).
-pub(crate) fn json_to_value(v: &serde_json::Value) -> Value {
-    match v {
-        serde_json::Value::Null => Value::Nil,
-        serde_json::Value::Bool(b) => Value::Bool(*b),
-        serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-            (Some(u), _, _) => Value::from(u),
-            (_, Some(i), _) => Value::from(i),
-            (_, _, f) => Value::F64(f.unwrap_or(f64::NAN)),
-        },
-        serde_json::Value::String(s) => Value::from(s.as_str()),
-        serde_json::Value::Array(a) => Value::Array(a.iter().map(json_to_value).collect::<Vec<_>>()),
-        serde_json::Value::Object(o) => {
-            Value::Map(o.iter().map(|(k, v)| (k.as_str(), json_to_value(v))).collect::<Map>())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,12 +167,16 @@ mod tests {
         assert_eq!(s, r#""\u00e9\"\n\ud83d\ude00""#);
     }
 
+    fn parse_control_(text: &str) -> Result<Control, String> {
+        parse_control(text, &Limits::default())
+    }
+
     #[test]
     fn control_messages() {
-        assert_eq!(parse_control(r#"{"type": "pong"}"#), Ok(Control::Pong));
-        assert_eq!(parse_control(r#"{"type":"error","message":"no"}"#), Ok(Control::Error("no".into())));
-        assert_eq!(parse_control(r#"{"type":"whatever"}"#), Ok(Control::Other));
-        assert!(parse_control("[1]").is_err());
-        assert!(parse_control("{").is_err());
+        assert_eq!(parse_control_(r#"{"type": "pong"}"#), Ok(Control::Pong));
+        assert_eq!(parse_control_(r#"{"type":"error","message":"no"}"#), Ok(Control::Error("no".into())));
+        assert_eq!(parse_control_(r#"{"type":"whatever"}"#), Ok(Control::Other));
+        assert!(parse_control_("[1]").is_err());
+        assert!(parse_control_("{").is_err());
     }
 }

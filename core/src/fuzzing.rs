@@ -139,6 +139,7 @@ pub fn chunk_reassembly(data: &[u8]) {
         max_reassembly_bytes: 8192,
         max_chunks_per_message: 16,
         max_partial_messages: 3,
+        max_waiting_chunks: 4,
         partial_message_expiry: Duration::from_secs(10),
         ..Limits::default()
     };
@@ -169,6 +170,9 @@ pub fn chunk_reassembly(data: &[u8]) {
                     assert_eq!(entry.0, owner, "a stranger's chunk was accepted");
                     let at = idx.unwrap_or_else(|| entry.1.keys().next_back().map_or(0, |k| k + 1));
                     assert!(entry.1.insert(at, payload.to_vec()).is_none(), "duplicate chunk accepted");
+                    let in_order = entry.1.keys().copied().zip(0..).take_while(|(k, i)| k == i).count();
+                    let ahead = entry.1.len() - in_order;
+                    assert!(ahead <= limits.max_waiting_chunks, "{ahead} chunks held ahead of a gap");
                 }
             }
             3 => match r.take(&key, owner) {
@@ -305,5 +309,66 @@ pub fn e2e_envelope(data: &[u8]) {
             engine.handle_timeout(now);
             while engine.poll_transmit().is_some() {}
         }
+    }
+}
+
+/// Parses `text` as the engine parses the server's JSON text frames (exposed for the
+/// differential test against serde_json).
+pub fn json_parse(text: &str, limits: &Limits) -> Result<Value, alloc::string::String> {
+    crate::json::parse(text, limits)
+}
+
+/// Any bytes as a JSON text frame: parsing must not panic or exceed its caps, and whatever
+/// parses must survive being written back as JSON and parsed again unchanged.
+pub fn json_text(data: &[u8]) {
+    let limits = Limits { max_depth: 16, max_collection_len: 64, max_str_len: 256, ..Limits::default() };
+    let text = alloc::string::String::from_utf8_lossy(data);
+    let Ok(v) = crate::json::parse(&text, &limits) else { return };
+    let mut out = alloc::string::String::new();
+    write_json(&v, &mut out);
+    let back = crate::json::parse(&out, &limits).unwrap_or_else(|e| panic!("{out}: {e}"));
+    // Compare encodings, not values: NaN != NaN.
+    assert_eq!(to_vec(&back), to_vec(&v), "{out} does not read back the same");
+}
+
+/// Our values as JSON, the way Python's `json.dumps` writes them (`NaN`, `Infinity`).
+fn write_json(v: &Value, out: &mut alloc::string::String) {
+    use core::fmt::Write;
+    match v {
+        Value::Nil => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::F64(x) if x.is_nan() => out.push_str("NaN"),
+        Value::F64(x) if x.is_infinite() => out.push_str(if *x > 0.0 { "Infinity" } else { "-Infinity" }),
+        // `{:?}` always writes a `.` or an exponent, so it reads back as a float.
+        Value::F64(x) => {
+            let _ = write!(out, "{x:?}");
+        }
+        Value::Str(s) => crate::connection::json_str(out, s.as_str()),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(x, out);
+            }
+            out.push(']');
+        }
+        Value::Map(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                crate::connection::json_str(out, k.as_str().expect("JSON keys are strings"));
+                out.push(':');
+                write_json(x, out);
+            }
+            out.push('}');
+        }
+        other => panic!("JSON never yields {other:?}"),
     }
 }

@@ -45,6 +45,7 @@ pub mod event;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod generator;
+mod json;
 pub mod limits;
 mod rng;
 #[cfg(feature = "serde")]

@@ -10,6 +10,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("engine_frames", hypha_rpc_core::fuzzing::engine_frames),
     ("chunk_reassembly", hypha_rpc_core::fuzzing::chunk_reassembly),
     ("e2e_envelope", hypha_rpc_core::fuzzing::e2e_envelope),
+    ("json_text", hypha_rpc_core::fuzzing::json_text),
 ];
 
 #[test]

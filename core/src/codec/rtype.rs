@@ -568,8 +568,11 @@ impl RTypeCodec for RemoteError {
         let message = match map.get("_rvalue") {
             None => return Err(f.missing("_rvalue")),
             Some(Value::Str(s)) => String::from(s.as_str()),
-            // JS may send a non-string; keep its shape visible rather than failing.
-            Some(v) => alloc::format!("{v:?}"),
+            // Real peers send strings. Anything else is named rather than refused; it is not
+            // printed whole, which would drag float formatting into every build (footprint).
+            Some(Value::Integer(i)) => alloc::format!("{i}"),
+            Some(Value::Bool(b)) => alloc::format!("{b}"),
+            Some(v) => alloc::format!("(an error given as a {} value)", v.kind()),
         };
         let trace = match map.get("_rtrace") {
             Some(Value::Nil) | None => None,
@@ -794,5 +797,26 @@ impl Codecs {
             Some((name, decode)) => decode(map).map(|value| Decoded::Custom { name, value }),
             None => RType::decode_named(name, map).map(|t| Decoded::Builtin(Box::new(t))),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(v: Value) -> String {
+        let mut map = Map::new();
+        map.push("_rtype", "error");
+        map.push("_rvalue", v);
+        RemoteError::decode_fields(&map).unwrap().message
+    }
+
+    #[test]
+    fn error_values_that_are_not_strings_are_named() {
+        assert_eq!(message("boom".into()), "boom");
+        assert_eq!(message(Value::from(-3i64)), "-3");
+        assert_eq!(message(Value::Bool(true)), "true");
+        assert_eq!(message(Value::F64(1.5)), "(an error given as a float64 value)");
+        assert_eq!(message(Value::Map(Map::new())), "(an error given as a map value)");
     }
 }

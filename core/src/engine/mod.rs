@@ -627,7 +627,7 @@ impl Engine {
         if text.len() > self.config.limits.max_frame_bytes {
             return Err(InputError::BadText("text frame too large".into()));
         }
-        let control = connection::parse_control(text).map_err(InputError::BadText)?;
+        let control = connection::parse_control(text, &self.config.limits).map_err(InputError::BadText)?;
         match (self.state, control) {
             (State::Handshaking { .. }, Control::ConnectionInfo(map)) => {
                 let info = match ConnectionInfo::parse(&map) {
