@@ -11,6 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 S="${1:-5}"
 scripts/hypha-venv.sh >/dev/null
 cargo build --release --quiet -p hypha-rpc-tests --examples
+# The idle client alone, so it has the client's default features (no WebRTC), as a user's would.
+cargo build --release --quiet -p hypha-rpc-tokio --example client_idle
 echo "== client vs Python hypha-rpc (tokio, 2 worker threads) =="
 target/release/examples/client_bench "$S" 2>/dev/null
 echo

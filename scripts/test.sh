@@ -20,6 +20,8 @@ cargo fmt --check --manifest-path ci/nostd-check/Cargo.toml
 step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 cargo clippy -p hypha-rpc-core --no-default-features -- -D warnings
+# The client as a user builds it: default features only (the workspace run unifies `webrtc` in).
+cargo clippy -p hypha-rpc -p hypha-rpc-tokio -p hypha-rpc-smol --all-targets -- -D warnings
 
 step "npm packages and Chromium (JS and browser interop tests)"
 scripts/js-deps.sh

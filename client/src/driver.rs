@@ -279,6 +279,7 @@ impl Inner {
 
     /// Runs `engine` (configured with [`EngineConfig::peer`](hypha_rpc_core::EngineConfig))
     /// over an open peer link, until the link ends or [`Inner::shutdown`].
+    #[cfg(feature = "webrtc")]
     pub(crate) async fn connect_link<L: Link>(
         rt: Arc<dyn Runtime>,
         config: ServerConfig,

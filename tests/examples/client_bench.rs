@@ -17,22 +17,30 @@ use hypha_rpc_tokio::serde_bytes::ByteBuf;
 use hypha_rpc_tokio::{ServerConfig, Service, Value, connect_to_server};
 
 fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS:`, or `RssAnon:`: heap and stacks, without the
+/// pages of the executable and libraries, which the kernel can drop and share).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Starts an idle client process, waits for READY, and reads its RSS after a short settle.
-fn idle_rss(mut cmd: Command) -> u64 {
+/// Starts an idle client process, waits for READY, and reads its RSS and the anonymous part
+/// of it after a short settle.
+fn idle_rss(mut cmd: Command) -> (u64, u64) {
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn idle client");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("READY line");
     assert_eq!(line.trim(), "READY", "idle client did not connect");
     std::thread::sleep(Duration::from_millis(500));
     let rss = rss_kib(child.id()).expect("read RSS");
+    let anon = status_kib(child.id(), "RssAnon:").expect("read RssAnon");
     let _ = writeln!(child.stdin.take().unwrap());
     let _ = child.wait();
-    rss
+    (rss, anon)
 }
 
 #[derive(Default, Debug)]
@@ -49,7 +57,8 @@ struct Figures {
     big: Vec<(u32, f64, u64)>,
     gen_items_per_s: f64,
     gen_prefetch_items_per_s: f64,
-    idle_rss_kib: u64,
+    /// Idle RSS, and the anonymous part of it.
+    idle_rss_kib: (u64, u64),
 }
 
 /// CPU time of this process so far, in seconds: (user + system, system).
@@ -241,7 +250,7 @@ fn parse_figures(stdout: &str) -> Option<Figures> {
         big,
         gen_items_per_s: g("gen_items_per_s"),
         gen_prefetch_items_per_s: f64::NAN,
-        idle_rss_kib: 0,
+        idle_rss_kib: (0, 0),
     })
 }
 
@@ -260,7 +269,10 @@ fn main() {
 
     let exe = std::env::current_exe().unwrap();
     let idle = exe.with_file_name("client_idle");
-    assert!(idle.exists(), "build the client_idle example first (cargo build --release --examples)");
+    assert!(
+        idle.exists(),
+        "build the client_idle example first (cargo build --release -p hypha-rpc-tokio --example client_idle)"
+    );
     let mut c = Command::new(idle);
     c.arg(hs.url());
     rust.idle_rss_kib = idle_rss(c);
@@ -339,13 +351,22 @@ fn main() {
             jc(&|j| jbig(j).map_or(NA.into(), |(_, jt, _)| format!("{:.1}× faster", jt / rt)))
         );
     }
-    let idle_mib = |f: &Figures| mib(f.idle_rss_kib);
+    let idle_mib = |f: &Figures| mib(f.idle_rss_kib.0);
+    let anon_mib = |f: &Figures| mib(f.idle_rss_kib.1);
     println!(
-        "| idle RSS of a connected client | {:.1} MiB | {:.1} MiB | {} | {:.1}× smaller | {} |",
+        "| idle RSS of a connected client (default features) | {:.1} MiB | {:.1} MiB | {} | {:.1}× smaller | {} |",
         idle_mib(&rust),
         idle_mib(&py),
         jc(&|j| format!("{:.1} MiB", idle_mib(j))),
         idle_mib(&py) / idle_mib(&rust),
         jc(&|j| format!("{:.1}× smaller", idle_mib(j) / idle_mib(&rust)))
+    );
+    println!(
+        "| … of which anonymous (heap, stacks) | {:.1} MiB | {:.1} MiB | {} | {:.1}× smaller | {} |",
+        anon_mib(&rust),
+        anon_mib(&py),
+        jc(&|j| format!("{:.1} MiB", anon_mib(j))),
+        anon_mib(&py) / anon_mib(&rust),
+        jc(&|j| format!("{:.1}× smaller", anon_mib(j) / anon_mib(&rust)))
     );
 }

@@ -1,5 +1,7 @@
 //! An idle connected Rust client (tokio, current-thread runtime), for the idle-RSS figure of
-//! `client_bench`: prints READY once connected, exits when stdin closes.
+//! `client_bench`: prints READY once connected, exits when stdin closes. It lives here, not in
+//! the tests crate, so it is built with the client's default features (no WebRTC), as a user's
+//! client would be: `cargo build --release -p hypha-rpc-tokio --example client_idle`.
 
 use std::io::BufRead;
 
