@@ -128,6 +128,40 @@ fn generator_items_per_second(prefetch: usize, items: u64) -> f64 {
     got as f64 / start.elapsed().as_secs_f64()
 }
 
+/// `n` calls issued at once, then served 500 at a time (the callee's cap is 1024) and settled:
+/// the cost per call when the engines' tables hold thousands of entries. Seconds per call.
+fn burst(p: &mut Pair, n: usize) -> f64 {
+    let now = Instant::ZERO;
+    let start = StdInstant::now();
+    for i in 0..n {
+        p.caller.call(now, &p.echo, vec![Value::from(i as u64)], None, CallOptions::default()).unwrap();
+    }
+    let mut frames = Vec::new();
+    while let Some(Transmit::Binary(b)) = p.caller.poll_transmit() {
+        frames.push(b);
+    }
+    for batch in frames.chunks(500) {
+        for b in batch {
+            p.callee.handle_binary(now, b).unwrap();
+        }
+        while let Some(e) = p.callee.poll_event() {
+            if let Event::Invoke(inv) = e {
+                let v = inv.args.into_iter().next().unwrap_or_default();
+                p.callee.reply(now, inv.id, Ok(v)).unwrap();
+            }
+        }
+        while let Some(Transmit::Binary(b)) = p.callee.poll_transmit() {
+            p.caller.handle_binary(now, &b).unwrap();
+        }
+    }
+    let mut settled = 0;
+    while let Some(e) = p.caller.poll_event() {
+        settled += usize::from(matches!(e, Event::CallSettled { result: Ok(_), .. }));
+    }
+    assert_eq!(settled, n, "every call of the burst settles");
+    start.elapsed().as_secs_f64() / n as f64
+}
+
 fn bench(c: &mut Criterion) {
     let mut p = pair();
     let small = Value::from("hello");
@@ -162,6 +196,13 @@ fn main() {
     println!("engine pair: {median:.0} round trips/s on one core (target >= 500000)");
     assert_eq!(p.caller.pending_calls(), 1, "only the engine's own subscribe call stays pending");
     assert_eq!(p.callee.active_invocations(), 0);
+    for n in [16, 2_000, 9_000] {
+        let mut p = pair();
+        burst(&mut p, n.min(1_000)); // warm: tables and buffers grown once
+        let mut t: Vec<f64> = (0..if quick { 1 } else { 5 }).map(|_| burst(&mut p, n)).collect();
+        t.sort_by(f64::total_cmp);
+        println!("engine pair: {n} calls in flight: {:.2} µs per call", t[t.len() / 2] * 1e6);
+    }
     let items = if quick { 1_000 } else { 50_000 };
     for prefetch in [1, 8] {
         let rate = generator_items_per_second(prefetch, items);

@@ -28,7 +28,7 @@
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 
-use crate::vecmap::{VecMap, VecSet};
+use crate::vecmap::{DequeMap, DequeSet, VecMap};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec;
@@ -264,10 +264,15 @@ pub struct Engine {
     services: Vec<ServiceSpec>,
     deferred_registrations: Vec<(CallId, String)>,
     deferred_unregistrations: Vec<String>,
-    sessions: VecMap<String, Pending>,
-    deadlines: VecSet<(Instant, String)>,
-    active: VecMap<InvokeId, Active>,
-    beats: VecSet<(Instant, InvokeId)>,
+    /// Calls waiting for a reply (up to `Limits::max_pending_calls`), boxed so that shifting
+    /// entries moves 32 bytes each.
+    sessions: DequeMap<String, Box<Pending>>,
+    /// Their deadlines: mostly added last and removed first, which a deque does cheaply.
+    deadlines: DequeSet<(Instant, String)>,
+    /// Calls being served (up to `Limits::max_active_invocations`); ids only grow, and calls
+    /// mostly end in the order they came.
+    active: DequeMap<InvokeId, Active>,
+    beats: DequeSet<(Instant, InvokeId)>,
     next_call: u64,
     next_invoke: u64,
     transmits: VecDeque<Transmit>,
@@ -325,10 +330,10 @@ impl Engine {
             services: Vec::new(),
             deferred_registrations: Vec::new(),
             deferred_unregistrations: Vec::new(),
-            sessions: VecMap::new(),
-            deadlines: VecSet::new(),
-            active: VecMap::new(),
-            beats: VecSet::new(),
+            sessions: DequeMap::new(),
+            deadlines: DequeSet::new(),
+            active: DequeMap::new(),
+            beats: DequeSet::new(),
             next_call: 0,
             next_invoke: 0,
             transmits: VecDeque::new(),
@@ -1421,7 +1426,7 @@ impl Engine {
                 encrypted,
                 heard: false,
             };
-            self.sessions.insert(s.clone(), pending);
+            self.sessions.insert(s.clone(), Box::new(pending));
         }
         let sent = match &internal {
             // The engine's own registration calls go out while still registering.
@@ -1499,7 +1504,7 @@ impl Engine {
     fn forget_session(&mut self, s: &str) -> Option<Pending> {
         let p = self.sessions.remove(s)?;
         self.deadlines.remove(&(p.deadline, s.to_string()));
-        Some(p)
+        Some(*p)
     }
 
     /// Settles the call of session `s` exactly once and frees its state.
