@@ -36,14 +36,10 @@ fn pair() -> Pair {
     Pair { caller, callee, echo }
 }
 
-/// One call `echo(arg)` from caller to callee and back; frames move directly between the
-/// two engines (the `from` each writes is already what the server would set).
-fn round_trip(p: &mut Pair, arg: &Value) -> Value {
+/// The callee answers every call it was given with its first argument, and its frames go
+/// to the caller.
+fn echo_back(p: &mut Pair) {
     let now = Instant::ZERO;
-    let id = p.caller.call(now, &p.echo, vec![arg.clone()], None, CallOptions::default()).unwrap();
-    while let Some(Transmit::Binary(b)) = p.caller.poll_transmit() {
-        p.callee.handle_binary(now, &b).unwrap();
-    }
     while let Some(e) = p.callee.poll_event() {
         if let Event::Invoke(inv) = e {
             let v = inv.args.into_iter().next().unwrap_or_default();
@@ -53,6 +49,17 @@ fn round_trip(p: &mut Pair, arg: &Value) -> Value {
     while let Some(Transmit::Binary(b)) = p.callee.poll_transmit() {
         p.caller.handle_binary(now, &b).unwrap();
     }
+}
+
+/// One call `echo(arg)` from caller to callee and back; frames move directly between the
+/// two engines (the `from` each writes is already what the server would set).
+fn round_trip(p: &mut Pair, arg: &Value) -> Value {
+    let now = Instant::ZERO;
+    let id = p.caller.call(now, &p.echo, vec![arg.clone()], None, CallOptions::default()).unwrap();
+    while let Some(Transmit::Binary(b)) = p.caller.poll_transmit() {
+        p.callee.handle_binary(now, &b).unwrap();
+    }
+    echo_back(p);
     match p.caller.poll_event() {
         Some(Event::CallSettled { id: got, result: Ok(v) }) if got == id => v,
         other => panic!("{other:?}"),
@@ -144,15 +151,7 @@ fn burst(p: &mut Pair, n: usize) -> f64 {
         for b in batch {
             p.callee.handle_binary(now, b).unwrap();
         }
-        while let Some(e) = p.callee.poll_event() {
-            if let Event::Invoke(inv) = e {
-                let v = inv.args.into_iter().next().unwrap_or_default();
-                p.callee.reply(now, inv.id, Ok(v)).unwrap();
-            }
-        }
-        while let Some(Transmit::Binary(b)) = p.callee.poll_transmit() {
-            p.caller.handle_binary(now, &b).unwrap();
-        }
+        echo_back(p);
     }
     let mut settled = 0;
     while let Some(e) = p.caller.poll_event() {
