@@ -1,7 +1,8 @@
 //! The connection handshake and the JSON text control messages (PROTOCOL.md §2).
 //!
 //! Text frames carry only control messages; everything RPC is binary. We write them exactly as
-//! Python's `json.dumps` does (`{"type": "ping"}`), and read them with our own small JSON reader (`json.rs`).
+//! Python's `json.dumps` does (`{"type": "ping"}`), and read them with our own small, bounded
+//! JSON reader (`json.rs`).
 
 use alloc::string::{String, ToString};
 use core::fmt::Write;
