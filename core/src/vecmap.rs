@@ -42,115 +42,71 @@ pub(crate) trait Store: Default {
     fn empty(&mut self);
 }
 
-impl<T> Store for Vec<T> {
-    type Item = T;
-    type Iter<'a>
-        = core::slice::Iter<'a, T>
-    where
-        T: 'a;
-    type IterMut<'a>
-        = core::slice::IterMut<'a, T>
-    where
-        T: 'a;
-    type Drain<'a>
-        = vec::Drain<'a, T>
-    where
-        T: 'a;
-    fn search(&self, f: impl FnMut(&T) -> Ordering) -> Result<usize, usize> {
-        self.binary_search_by(f)
-    }
-    fn at(&self, i: usize) -> &T {
-        &self[i]
-    }
-    fn at_mut(&mut self, i: usize) -> &mut T {
-        &mut self[i]
-    }
-    fn put(&mut self, i: usize, item: T) {
-        self.insert(i, item);
-    }
-    fn take(&mut self, i: usize) -> T {
-        self.remove(i)
-    }
-    fn front(&self) -> Option<&T> {
-        self.first()
-    }
-    fn back(&self) -> Option<&T> {
-        self.last()
-    }
-    fn count(&self) -> usize {
-        self.len()
-    }
-    fn items(&self) -> Self::Iter<'_> {
-        self.iter()
-    }
-    fn items_mut(&mut self) -> Self::IterMut<'_> {
-        self.iter_mut()
-    }
-    fn drain_front(&mut self, n: usize) -> Self::Drain<'_> {
-        self.drain(..n)
-    }
-    fn keep(&mut self, f: impl FnMut(&mut T) -> bool) {
-        self.retain_mut(f);
-    }
-    fn empty(&mut self) {
-        self.clear();
-    }
+/// `Store` for `Vec` and `VecDeque`, whose methods share names except the three passed in.
+macro_rules! store {
+    ($seq:ident, $iter:ty, $iter_mut:ty, $drain:ty, take: $take:expr, front: $front:ident, back: $back:ident) => {
+        impl<T> Store for $seq<T> {
+            type Item = T;
+            type Iter<'a>
+                = $iter
+            where
+                T: 'a;
+            type IterMut<'a>
+                = $iter_mut
+            where
+                T: 'a;
+            type Drain<'a>
+                = $drain
+            where
+                T: 'a;
+            fn search(&self, f: impl FnMut(&T) -> Ordering) -> Result<usize, usize> {
+                self.binary_search_by(f)
+            }
+            fn at(&self, i: usize) -> &T {
+                &self[i]
+            }
+            fn at_mut(&mut self, i: usize) -> &mut T {
+                &mut self[i]
+            }
+            fn put(&mut self, i: usize, item: T) {
+                self.insert(i, item);
+            }
+            fn take(&mut self, i: usize) -> T {
+                let take: fn(&mut Self, usize) -> T = $take;
+                take(self, i)
+            }
+            fn front(&self) -> Option<&T> {
+                self.$front()
+            }
+            fn back(&self) -> Option<&T> {
+                self.$back()
+            }
+            fn count(&self) -> usize {
+                self.len()
+            }
+            fn items(&self) -> Self::Iter<'_> {
+                self.iter()
+            }
+            fn items_mut(&mut self) -> Self::IterMut<'_> {
+                self.iter_mut()
+            }
+            fn drain_front(&mut self, n: usize) -> Self::Drain<'_> {
+                self.drain(..n)
+            }
+            fn keep(&mut self, f: impl FnMut(&mut T) -> bool) {
+                self.retain_mut(f);
+            }
+            fn empty(&mut self) {
+                self.clear();
+            }
+        }
+    };
 }
 
-impl<T> Store for VecDeque<T> {
-    type Item = T;
-    type Iter<'a>
-        = vec_deque::Iter<'a, T>
-    where
-        T: 'a;
-    type IterMut<'a>
-        = vec_deque::IterMut<'a, T>
-    where
-        T: 'a;
-    type Drain<'a>
-        = vec_deque::Drain<'a, T>
-    where
-        T: 'a;
-    fn search(&self, f: impl FnMut(&T) -> Ordering) -> Result<usize, usize> {
-        self.binary_search_by(f)
-    }
-    fn at(&self, i: usize) -> &T {
-        &self[i]
-    }
-    fn at_mut(&mut self, i: usize) -> &mut T {
-        &mut self[i]
-    }
-    fn put(&mut self, i: usize, item: T) {
-        self.insert(i, item);
-    }
-    fn take(&mut self, i: usize) -> T {
-        self.remove(i).expect("index from a search")
-    }
-    fn front(&self) -> Option<&T> {
-        VecDeque::front(self)
-    }
-    fn back(&self) -> Option<&T> {
-        VecDeque::back(self)
-    }
-    fn count(&self) -> usize {
-        self.len()
-    }
-    fn items(&self) -> Self::Iter<'_> {
-        self.iter()
-    }
-    fn items_mut(&mut self) -> Self::IterMut<'_> {
-        self.iter_mut()
-    }
-    fn drain_front(&mut self, n: usize) -> Self::Drain<'_> {
-        self.drain(..n)
-    }
-    fn keep(&mut self, f: impl FnMut(&mut T) -> bool) {
-        self.retain_mut(f);
-    }
-    fn empty(&mut self) {
-        self.clear();
-    }
-}
+store!(Vec, core::slice::Iter<'a, T>, core::slice::IterMut<'a, T>, vec::Drain<'a, T>,
+    take: |v, i| v.remove(i), front: first, back: last);
+store!(VecDeque, vec_deque::Iter<'a, T>, vec_deque::IterMut<'a, T>, vec_deque::Drain<'a, T>,
+    take: |d, i| d.remove(i).expect("index from a search"), front: front, back: back);
 
 /// A map ordered by key over a sorted sequence of `(K, V)` (a `Vec` unless said otherwise).
 #[derive(Clone, PartialEq)]
